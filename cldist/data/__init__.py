@@ -1,0 +1,29 @@
+"""Data: webdataset shards for class-incremental streams.
+
+- `build_dataset` turns a source (digits, fashion_mnist, folder) into shards + manifest.
+- `Manifest` describes a built dataset: class order, tasks, shards and their checksums.
+- `task_batches` / `load_task_tensors` / `TaskStream` read a task safely (images and integer
+  labels only, never pickle), split across ranks without overlap or loss.
+- `verify_dataset` checks every shard against the manifest.
+"""
+from cldist.data.build import build_dataset
+from cldist.data.loader import (
+    TaskStream,
+    iter_task_samples,
+    load_task_tensors,
+    make_transform,
+    num_batches,
+    rank_nodesplitter,
+    split_by_rank,
+    task_batches,
+    worker_splitter,
+)
+from cldist.data.manifest import Manifest, ShardInfo, TaskSpec
+from cldist.data.sources import SOURCES
+from cldist.data.verify import verify_dataset
+
+__all__ = [
+    "Manifest", "ShardInfo", "TaskSpec", "SOURCES", "build_dataset", "make_transform",
+    "task_batches", "load_task_tensors", "iter_task_samples", "num_batches", "TaskStream",
+    "split_by_rank", "rank_nodesplitter", "worker_splitter", "verify_dataset",
+]

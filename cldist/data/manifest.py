@@ -1,0 +1,381 @@
+"""The dataset manifest: which classes form which task, and which shards hold them.
+
+A built dataset is a directory `DIR/manifest.json` + `DIR/{train,test}/task-TTT-SSSSSS.tar`.
+The manifest is the single source of truth for a scenario: the class order (and the seed that
+produced it), the classes of every task, and per shard its path (relative to the dataset
+directory), sha256 and sample count. Shards are referenced only through the manifest, so a
+dataset can be moved or served from a base URL by changing `Manifest.root`.
+
+Labels: shards store *original* class ids (`cls`). The stream label of a class is its position
+in `class_order`; tasks take consecutive slices of `class_order`, so task t's stream labels are
+`class_offsets()[t] .. class_offsets()[t] + len(classes) - 1`.
+
+`Manifest.load` validates everything and raises `DataError` naming the file and the field.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cldist.errors import DataError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "test")
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class ShardInfo:
+    """One webdataset tar shard of one task and split."""
+
+    path: str  # relative to the dataset directory, POSIX separators
+    sha256: str  # hex digest of the whole tar file
+    n_samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "sha256": self.sha256, "n_samples": self.n_samples}
+
+
+@dataclass
+class TaskSpec:
+    """One task of the stream: its classes and the shards that hold their samples."""
+
+    task_id: int
+    classes: list[int]  # original class ids, in stream order
+    train: list[ShardInfo]
+    test: list[ShardInfo]
+
+    @property
+    def n_train(self) -> int:
+        return sum(s.n_samples for s in self.train)
+
+    @property
+    def n_test(self) -> int:
+        return sum(s.n_samples for s in self.test)
+
+    def shards(self, split: str) -> list[ShardInfo]:
+        """The shards of `split` ('train' or 'test')."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return self.train if split == "train" else self.test
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "classes": list(self.classes),
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+            "train": [s.to_dict() for s in self.train],
+            "test": [s.to_dict() for s in self.test],
+        }
+
+
+@dataclass
+class Manifest:
+    """A class-incremental scenario over webdataset shards (see the module docstring)."""
+
+    source: str
+    n_classes: int
+    class_names: list[str]
+    class_order: list[int]  # a permutation of range(n_classes); position = stream label
+    order_seed: int | None  # None when the order is the natural one
+    image_size: int  # side of the (square) stored images, in pixels
+    channels: int  # 1 (grayscale) or 3 (RGB) as stored
+    tasks: list[TaskSpec]
+    format_version: int = FORMAT_VERSION
+    # The arguments that produced the dataset, so a rebuild of the same spec is recognised.
+    build: dict[str, Any] = field(default_factory=dict)
+    # Where shard paths are relative to: a local directory or a base URL. Not serialised.
+    root: str = field(default="", compare=False, repr=False)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    def task(self, task_id: int) -> TaskSpec:
+        if not 0 <= task_id < len(self.tasks):
+            raise DataError(f"task {task_id} does not exist: the manifest has tasks "
+                            f"0..{len(self.tasks) - 1}")
+        return self.tasks[task_id]
+
+    def shard_url(self, shard: ShardInfo) -> str:
+        """Where to read `shard` from: `root` joined with its relative path."""
+        if _is_url(self.root):
+            return self.root.rstrip("/") + "/" + shard.path
+        return os.path.join(self.root or ".", *shard.path.split("/"))
+
+    def stream_label(self, orig_class: int) -> int:
+        """The stream label of an original class id (its position in `class_order`)."""
+        try:
+            return self._stream_labels()[orig_class]
+        except KeyError:
+            raise DataError(f"class {orig_class} is not in the manifest's class order") from None
+
+    def class_offsets(self) -> list[int]:
+        """The first stream label of every task."""
+        offsets, total = [], 0
+        for task in self.tasks:
+            offsets.append(total)
+            total += len(task.classes)
+        return offsets
+
+    def task_stream_labels(self, task_id: int) -> list[int]:
+        """The (contiguous) stream labels of task `task_id`."""
+        start = self.class_offsets()[task_id]
+        return list(range(start, start + len(self.task(task_id).classes)))
+
+    def _stream_labels(self) -> dict[int, int]:
+        # Cached lazily; the dataclass is not frozen but class_order never changes after load.
+        cache = self.__dict__.get("_stream_label_cache")
+        if cache is None or len(cache) != len(self.class_order):
+            cache = {c: i for i, c in enumerate(self.class_order)}
+            self.__dict__["_stream_label_cache"] = cache
+        return cache
+
+    # ------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "source": self.source,
+            "n_classes": self.n_classes,
+            "class_names": list(self.class_names),
+            "class_order": list(self.class_order),
+            "order_seed": self.order_seed,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "n_tasks": self.n_tasks,
+            "tasks": [t.to_dict() for t in self.tasks],
+            "build": dict(self.build),
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `directory/manifest.json` atomically (tmp file + fsync + rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / MANIFEST_NAME
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        atomic_write_text(target, text)
+        return target
+
+    @classmethod
+    def from_dict(cls, data: Any, root: str = "", origin: str = "<manifest>") -> "Manifest":
+        """Build a manifest from its JSON form, validating every field."""
+        return _parse_manifest(data, root=root, origin=origin)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, root: str | None = None) -> "Manifest":
+        """Read and validate a manifest.
+
+        `path` is a manifest.json or the dataset directory holding one. Shard paths are taken
+        relative to the manifest's directory unless `root` (a directory or base URL) is given.
+        """
+        path = Path(path)
+        file = path / MANIFEST_NAME if path.is_dir() else path
+        if not file.is_file():
+            raise DataError(f"no dataset manifest at {file}: build one with "
+                            f"`cldist data build --source NAME --out DIR`")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"manifest {file} is not readable JSON ({exc}); rebuild the "
+                            f"dataset with `cldist data build`") from None
+        base = root if root is not None else str(file.resolve().parent)
+        return _parse_manifest(data, root=base, origin=str(file))
+
+
+# ---------------------------------------------------------------------- helpers
+def atomic_write_text(target: Path, text: str) -> None:
+    """Write `text` to `target` so readers see either the old or the new file, never half."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(target.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Persist a rename in `directory` (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _is_url(root: str) -> bool:
+    return "://" in root or root.startswith("pipe:")
+
+
+def shard_path_problem(path: Any) -> str | None:
+    """Why `path` is not a safe shard path inside the dataset directory (None when it is)."""
+    if not isinstance(path, str) or not path:
+        return "must be a non-empty string"
+    if "\\" in path or "\x00" in path:
+        return f"{path!r} contains a backslash or NUL"
+    if path.startswith("/") or re.match(r"^[A-Za-z]:", path) or "://" in path:
+        return f"{path!r} is absolute; shard paths are relative to the dataset directory"
+    parts = path.split("/")
+    if ".." in parts:
+        return f"{path!r} escapes the dataset directory"
+    if posixpath.normpath(path) != path:
+        return f"{path!r} is not a normalised relative path"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_manifest(data: Any, root: str, origin: str) -> Manifest:
+    problems: list[str] = []
+
+    def fail() -> DataError:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        return DataError(f"invalid manifest {origin} ({len(problems)} problem(s)):\n{listed}\n"
+                         f"Rebuild the dataset with `cldist data build`.")
+
+    if not isinstance(data, dict):
+        problems.append("top level: must be a JSON object")
+        raise fail()
+    version = data.get("format_version")
+    if version != FORMAT_VERSION or not _is_int(version):
+        problems.append(f"format_version: unknown format_version {version!r} "
+                        f"(this cldist reads {FORMAT_VERSION})")
+        raise fail()
+
+    def need(name: str, check, what: str):
+        if name not in data:
+            problems.append(f"{name}: missing")
+            return None
+        value = data[name]
+        if not check(value):
+            problems.append(f"{name}: must be {what}, got {value!r}")
+            return None
+        return value
+
+    source = need("source", lambda v: isinstance(v, str) and v, "a non-empty string")
+    n_classes = need("n_classes", lambda v: _is_int(v) and v > 0, "a positive integer")
+    class_names = need("class_names", lambda v: isinstance(v, list)
+                       and all(isinstance(x, str) for x in v), "a list of strings")
+    class_order = need("class_order", lambda v: isinstance(v, list)
+                       and all(_is_int(x) for x in v), "a list of integers")
+    order_seed = data.get("order_seed")
+    if order_seed is not None and not _is_int(order_seed):
+        problems.append(f"order_seed: must be an integer or null, got {order_seed!r}")
+    image_size = need("image_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+    channels = need("channels", lambda v: v in (1, 3) and _is_int(v), "1 or 3")
+    build = data.get("build", {})
+    if not isinstance(build, dict):
+        problems.append(f"build: must be an object, got {build!r}")
+        build = {}
+    raw_tasks = need("tasks", lambda v: isinstance(v, list) and v, "a non-empty list")
+
+    if n_classes is not None and class_names is not None and len(class_names) != n_classes:
+        problems.append(f"class_names: has {len(class_names)} names for n_classes={n_classes}")
+    if n_classes is not None and class_order is not None \
+            and sorted(class_order) != list(range(n_classes)):
+        problems.append(f"class_order: must be a permutation of 0..{n_classes - 1}")
+
+    tasks: list[TaskSpec] = []
+    seen_class: dict[int, int] = {}
+    seen_paths: set[str] = set()
+    for t, raw in enumerate(raw_tasks or []):
+        where = f"tasks[{t}]"
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: must be an object")
+            continue
+        if raw.get("task_id") != t or not _is_int(raw.get("task_id")):
+            problems.append(f"{where}.task_id: must be {t}, got {raw.get('task_id')!r}")
+        classes = raw.get("classes")
+        if not isinstance(classes, list) or not all(_is_int(c) for c in classes):
+            problems.append(f"{where}.classes: must be a list of integers")
+            classes = []
+        elif not classes:
+            problems.append(f"{where}.classes: empty task (no classes)")
+        for c in classes:
+            if n_classes is not None and not 0 <= c < n_classes:
+                problems.append(f"{where}.classes: class {c} is outside 0..{n_classes - 1}")
+            elif c in seen_class:
+                other = seen_class[c]
+                problems.append(f"{where}.classes: class {c} is also in "
+                                + ("this task twice" if other == t else f"task {other}"))
+            else:
+                seen_class[c] = t
+        splits: dict[str, list[ShardInfo]] = {}
+        for split in SPLITS:
+            shards_raw = raw.get(split)
+            if not isinstance(shards_raw, list) or not shards_raw:
+                problems.append(f"{where}.{split}: must be a non-empty list of shards")
+                splits[split] = []
+                continue
+            shards = []
+            for s, sraw in enumerate(shards_raw):
+                swhere = f"{where}.{split}[{s}]"
+                if not isinstance(sraw, dict):
+                    problems.append(f"{swhere}: must be an object")
+                    continue
+                path, sha, count = sraw.get("path"), sraw.get("sha256"), sraw.get("n_samples")
+                why = shard_path_problem(path)
+                if why:
+                    problems.append(f"{swhere}.path: {why}")
+                elif path in seen_paths:
+                    problems.append(f"{swhere}.path: {path!r} is listed twice")
+                else:
+                    seen_paths.add(path)
+                if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+                    problems.append(f"{swhere}.sha256: must be 64 lowercase hex digits")
+                if not _is_int(count) or count <= 0:
+                    problems.append(f"{swhere}.n_samples: must be a positive integer, "
+                                    f"got {count!r}")
+                shards.append(ShardInfo(path=path, sha256=sha, n_samples=count))
+            splits[split] = shards
+        task = TaskSpec(task_id=t, classes=list(classes), train=splits["train"],
+                        test=splits["test"])
+        # n_train/n_test are written for people reading the file; they must agree. (Only
+        # summed when every count so far is valid.)
+        for name, split in (("n_train", "train"), ("n_test", "test")):
+            if name in raw and not problems:
+                total = sum(s.n_samples for s in task.shards(split))
+                if raw[name] != total:
+                    problems.append(f"{where}.{name}: says {raw[name]!r} but its shards hold "
+                                    f"{total}")
+        tasks.append(task)
+
+    # Tasks must take consecutive slices of class_order, so stream labels are contiguous.
+    if class_order is not None and not problems:
+        streamed = [c for task in tasks for c in task.classes]
+        if streamed != class_order[:len(streamed)]:
+            problems.append("tasks: the tasks' classes, concatenated, must equal the start of "
+                            "class_order")
+    if problems:
+        raise fail()
+    return Manifest(source=source, n_classes=n_classes, class_names=list(class_names),
+                    class_order=list(class_order), order_seed=order_seed,
+                    image_size=image_size, channels=channels, tasks=tasks,
+                    format_version=version, build=dict(build), root=root)

@@ -1,0 +1,123 @@
+"""Deterministic webdataset shard writing.
+
+A shard is a plain (uncompressed, USTAR) tar in webdataset layout: every sample is the
+members `KEY.png` (PNG bytes) and `KEY.cls` (the original class id as ASCII decimal). Every
+tar header field that could vary between machines or runs - mtime, uid/gid, user/group names,
+mode - is fixed, and PNGs are encoded with fixed settings, so the same input gives
+byte-identical shards and therefore the same sha256 (given the same Python, Pillow and zlib,
+which the project's pinned constraints fix).
+
+Shards are written to a temporary name and renamed into place, so a crashed build never
+leaves a half-written shard under its final name.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from cldist.data.manifest import ShardInfo
+
+# Fixed header fields: the archive depends on the samples alone.
+_TAR_MTIME = 0
+_TAR_MODE = 0o444
+_PNG_COMPRESS_LEVEL = 6
+
+
+def shard_relpath(split: str, task_id: int, index: int) -> str:
+    """The shard's path relative to the dataset directory: `split/task-TTT-SSSSSS.tar`."""
+    return f"{split}/task-{task_id:03d}-{index:06d}.tar"
+
+
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """PNG bytes of `image` (uint8 HxW or HxWx3 array, or an L/RGB PIL image)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    if image.mode not in ("L", "RGB"):
+        raise ValueError(f"encode_png expects an L or RGB image, got mode {image.mode}")
+    buffer = io.BytesIO()
+    # No optimize pass and no metadata: the bytes depend on the pixels only.
+    image.save(buffer, format="PNG", compress_level=_PNG_COMPRESS_LEVEL, optimize=False)
+    return buffer.getvalue()
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = _TAR_MTIME
+    info.mode = _TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, bytes, int]]) -> int:
+    """Write `(key, png_bytes, class_id)` samples to the tar at `path`; return the count.
+
+    Keys must be unique and contain no '.' or '/' (webdataset splits member names at the
+    first dot of the base name).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    try:
+        with open(tmp, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for key, png, class_id in samples:
+                    if not key or "." in key or "/" in key:
+                        raise ValueError(f"invalid sample key {key!r}")
+                    label = str(int(class_id)).encode("ascii")
+                    tar.addfile(_tarinfo(f"{key}.png", len(png)), io.BytesIO(png))
+                    tar.addfile(_tarinfo(f"{key}.cls", len(label)), io.BytesIO(label))
+                    count += 1
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return count
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def write_task_shards(out_dir: str | os.PathLike, split: str, task_id: int,
+                      samples: Iterable[tuple[str, bytes, int]],
+                      shard_max_samples: int) -> list[ShardInfo]:
+    """Write one task's split as shards of at most `shard_max_samples` samples each."""
+    if shard_max_samples < 1:
+        raise ValueError(f"shard_max_samples must be >= 1, got {shard_max_samples}")
+    out_dir = Path(out_dir)
+    (out_dir / split).mkdir(parents=True, exist_ok=True)
+    shards = []
+    for index, chunk in enumerate(_chunks(samples, shard_max_samples)):
+        relpath = shard_relpath(split, task_id, index)
+        target = out_dir / relpath
+        count = write_shard(target, chunk)
+        shards.append(ShardInfo(path=relpath, sha256=sha256_file(target), n_samples=count))
+    return shards
