@@ -1,0 +1,460 @@
+"""Multi-branch LoRA layers, per-task norms, qkv splitting/injection and the continual classifier."""
+import copy
+
+import pytest
+import timm
+import torch
+from timm.layers import Conv2dSame
+from torch import nn
+
+from cldist.models.continual import ContinualClassifier
+from cldist.models.inject import SplitQKV, inject_lora, lora_layers, split_fused_qkv
+from cldist.models.lora import (LoRAConv2d, LoRALayer, LoRALinear, TaskBatchNorm2d,
+                                set_active_adapters)
+
+ATOL = 1e-5
+
+
+# -- layer factories: (base layer, input) --------------------------------------------------------
+def _linear():
+    return nn.Linear(12, 7), torch.randn(4, 12)
+
+
+def _linear_nobias():
+    return nn.Linear(12, 7, bias=False), torch.randn(2, 3, 12)  # extra leading dim
+
+
+def _conv():
+    return nn.Conv2d(4, 6, 3, padding=1), torch.randn(2, 4, 8, 8)
+
+
+def _conv_strided_reflect():
+    return nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="reflect"), torch.randn(2, 4, 9, 9)
+
+
+def _conv_grouped():
+    return nn.Conv2d(4, 6, 3, padding=1, groups=2), torch.randn(2, 4, 8, 8)
+
+
+def _conv_depthwise():
+    return nn.Conv2d(5, 5, 3, padding=1, groups=5, bias=False), torch.randn(2, 5, 8, 8)
+
+
+def _conv_same():
+    # odd input, stride 2: TF-'same' pads asymmetrically, dynamically from the input size
+    return Conv2dSame(4, 6, 3, stride=2), torch.randn(2, 4, 9, 9)
+
+
+def _conv_same_depthwise():
+    return Conv2dSame(6, 6, 5, stride=2, groups=6), torch.randn(2, 6, 11, 11)
+
+
+LAYERS = [
+    pytest.param(_linear, id="linear"),
+    pytest.param(_linear_nobias, id="linear-nobias-3d"),
+    pytest.param(_conv, id="conv"),
+    pytest.param(_conv_strided_reflect, id="conv-stride2-reflect"),
+    pytest.param(_conv_grouped, id="conv-groups2"),
+    pytest.param(_conv_depthwise, id="conv-depthwise"),
+    pytest.param(_conv_same, id="conv2dsame"),
+    pytest.param(_conv_same_depthwise, id="conv2dsame-depthwise"),
+]
+
+
+def _wrap(base):
+    return LoRALinear(base) if isinstance(base, nn.Linear) else LoRAConv2d(base)
+
+
+def _plain_with_weight(base, weight):
+    """A copy of the un-wrapped base layer whose weight is `weight`."""
+    plain = copy.deepcopy(base)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+    return plain
+
+
+def _set_random(layer: LoRALayer, name: str, rank: int, scaling: float = 1.0):
+    layer.add_adapter(name, rank, scaling=scaling)
+    B = torch.randn(layer.out_features, rank)
+    A = torch.randn(rank, layer.in_features)
+    layer.set_adapter_weights(name, B, A)
+    return B, A
+
+
+@pytest.mark.parametrize("factory", LAYERS)
+def test_unmerged_equals_plain_layer_with_merged_weight(factory):
+    torch.manual_seed(0)
+    base, x = factory()
+    plain_base = copy.deepcopy(base)
+    layer = _wrap(base)
+    B, A = _set_random(layer, "t000", rank=2, scaling=0.5)
+    layer.active = ("t000",)
+    W = plain_base.weight.detach()
+    merged_w = W + 0.5 * (B @ A).reshape(W.shape)
+    expected = _plain_with_weight(plain_base, merged_w)(x)
+    out = layer(x)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=0)
+    # the delta must not be negligible, or the comparison above proves nothing
+    assert (out - plain_base(x)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("factory", LAYERS)
+def test_merge_then_forward_without_adapters(factory):
+    torch.manual_seed(1)
+    base, x = factory()
+    layer = _wrap(base)
+    _set_random(layer, "t000", rank=2, scaling=0.5)
+    layer.active = ("t000",)
+    before = layer(x).detach()
+    layer.merge(["t000"])
+    assert layer.adapters() == []
+    assert layer.active == ()
+    assert "t000" not in layer.scaling
+    torch.testing.assert_close(layer(x), before, atol=ATOL, rtol=0)
+    # the base layer itself (no wrapper) now holds the merged weight
+    torch.testing.assert_close(layer.base(x), before, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("factory", LAYERS)
+def test_several_active_adapters_sum(factory):
+    torch.manual_seed(2)
+    base, x = factory()
+    plain_base = copy.deepcopy(base)
+    layer = _wrap(base)
+    B0, A0 = _set_random(layer, "t000", rank=1, scaling=1.0)
+    B1, A1 = _set_random(layer, "t001", rank=2, scaling=0.25)
+    B2, A2 = _set_random(layer, "t002", rank=1, scaling=2.0)  # present but inactive
+    W = plain_base.weight.detach()
+    y_base = plain_base(x)
+
+    layer.active = ("t000", "t001")
+    both = layer(x)
+    merged = W + (B0 @ A0 + 0.25 * (B1 @ A1)).reshape(W.shape)
+    torch.testing.assert_close(both, _plain_with_weight(plain_base, merged)(x), atol=ATOL, rtol=0)
+
+    # each delta on its own, summed, gives the same output (the conv is linear in its weight)
+    layer.active = ("t000",)
+    d0 = layer(x) - y_base
+    layer.active = ("t001",)
+    d1 = layer(x) - y_base
+    torch.testing.assert_close(both, y_base + d0 + d1, atol=ATOL, rtol=0)
+
+    # delta_weight is the same sum, shaped like the base weight
+    dw = layer.delta_weight(["t000", "t001"])
+    assert dw.shape == W.shape
+    torch.testing.assert_close(dw, merged - W, atol=ATOL, rtol=0)
+
+    # an active name the layer does not own is ignored
+    layer.active = ("t000", "t001", "t999")
+    torch.testing.assert_close(layer(x), both, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("factory", LAYERS)
+def test_fresh_adapter_is_bit_identical_to_base(factory):
+    torch.manual_seed(3)
+    base, x = factory()
+    plain_base = copy.deepcopy(base)
+    layer = _wrap(base)
+    layer.add_adapter("t000", rank=2)
+    assert torch.count_nonzero(layer.lora_A["t000"]) > 0  # A random, B zero
+    assert torch.count_nonzero(layer.lora_B["t000"]) == 0
+    layer.active = ("t000",)
+    assert torch.equal(layer(x), plain_base(x))
+    layer.active = ()
+    assert torch.equal(layer(x), plain_base(x))
+
+
+@pytest.mark.parametrize("factory, flat", [
+    pytest.param(_linear, (7, 12), id="linear"),
+    pytest.param(_conv, (6, 36), id="conv"),
+    pytest.param(_conv_grouped, (6, 18), id="conv-groups2"),
+    pytest.param(_conv_depthwise, (5, 9), id="conv-depthwise"),
+    pytest.param(_conv_same, (6, 36), id="conv2dsame"),
+])
+def test_adapter_shapes_and_rank_bounds(factory, flat):
+    torch.manual_seed(4)
+    base, _ = factory()
+    layer = _wrap(base)
+    assert (layer.out_features, layer.in_features) == flat
+    assert layer.max_rank() == min(flat)
+    layer.add_adapter("full", rank=min(flat))
+    assert layer.lora_A["full"].shape == (min(flat), flat[1])
+    assert layer.lora_B["full"].shape == (flat[0], min(flat))
+    assert layer.rank("full") == min(flat)
+    with pytest.raises(ValueError, match="rank"):
+        layer.add_adapter("too_big", rank=min(flat) + 1)
+    with pytest.raises(ValueError, match="rank"):
+        layer.add_adapter("zero", rank=0)
+    with pytest.raises(ValueError, match="already exists"):
+        layer.add_adapter("full", rank=1)
+
+
+def test_only_current_task_gets_gradients():
+    torch.manual_seed(5)
+    layer = LoRALinear(nn.Linear(10, 6))
+    for p in layer.base.parameters():
+        p.requires_grad_(False)
+    _set_random(layer, "t000", rank=2)
+    _set_random(layer, "t001", rank=3)
+    layer.lora_A["t000"].requires_grad_(False)
+    layer.lora_B["t000"].requires_grad_(False)
+    layer.active = ("t000", "t001")
+    frozen = {n: p.detach().clone() for n, p in layer.named_parameters()
+              if "t001" not in n}
+    assert set(frozen) == {"base.weight", "base.bias", "lora_A.t000", "lora_B.t000"}
+
+    # every parameter goes to the optimiser: the frozen ones must still not move
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.1)
+    layer(torch.randn(8, 10)).pow(2).sum().backward()
+    assert layer.lora_A["t001"].grad is not None and layer.lora_A["t001"].grad.abs().sum() > 0
+    assert layer.lora_B["t001"].grad is not None and layer.lora_B["t001"].grad.abs().sum() > 0
+    assert layer.lora_A["t000"].grad is None
+    assert layer.lora_B["t000"].grad is None
+    assert layer.base.weight.grad is None
+    assert layer.base.bias.grad is None
+    A1_before = layer.lora_A["t001"].detach().clone()
+    opt.step()
+    params = dict(layer.named_parameters())
+    for n, before in frozen.items():
+        assert torch.equal(params[n], before), n
+    assert not torch.equal(layer.lora_A["t001"], A1_before)
+
+
+def test_only_current_task_gets_gradients_conv():
+    torch.manual_seed(6)
+    layer = LoRAConv2d(Conv2dSame(3, 4, 3, stride=2))
+    for p in layer.base.parameters():
+        p.requires_grad_(False)
+    _set_random(layer, "t000", rank=2)
+    _set_random(layer, "t001", rank=2)
+    for p in (layer.lora_A["t000"], layer.lora_B["t000"]):
+        p.requires_grad_(False)
+    layer.active = ("t000", "t001")
+    frozen = {n: p.detach().clone() for n, p in layer.named_parameters() if "t001" not in n}
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    layer(torch.randn(2, 3, 7, 7)).pow(2).sum().backward()
+    assert layer.lora_A["t001"].grad is not None and layer.lora_B["t001"].grad is not None
+    assert layer.lora_A["t000"].grad is None and layer.lora_B["t000"].grad is None
+    assert layer.base.weight.grad is None
+    opt.step()
+    params = dict(layer.named_parameters())
+    for n, before in frozen.items():
+        assert torch.equal(params[n], before), n
+
+
+def test_remove_adapter_and_delta_matrix():
+    torch.manual_seed(7)
+    layer = LoRALinear(nn.Linear(5, 4))
+    B, A = _set_random(layer, "t000", rank=2, scaling=3.0)
+    _set_random(layer, "t001", rank=1)
+    torch.testing.assert_close(layer.delta_matrix("t000"), 3.0 * B @ A)
+    layer.active = ("t000", "t001")
+    layer.remove_adapter("t000")
+    assert layer.adapters() == ["t001"]
+    assert layer.active == ("t001",)
+    assert "t000" not in layer.scaling
+
+
+def test_add_adapter_init_modes():
+    layer = LoRALinear(nn.Linear(16, 4))
+    g = torch.Generator().manual_seed(0)
+    layer.add_adapter("k", 2, generator=g)
+    A = layer.lora_A["k"]
+    assert A.abs().max() <= 1.0 / 16 ** 0.5
+    g2 = torch.Generator().manual_seed(0)
+    layer.add_adapter("k2", 2, generator=g2)
+    assert torch.equal(layer.lora_A["k2"], A)  # reproducible from the generator
+    layer.add_adapter("z", 2, init_A="zero")
+    assert torch.count_nonzero(layer.lora_A["z"]) == 0
+    with pytest.raises(ValueError, match="init_A"):
+        layer.add_adapter("bad", 2, init_A="gaussian")
+
+
+# -- TaskBatchNorm2d ---------------------------------------------------------------------------
+def _trained_bn(c=3):
+    torch.manual_seed(8)
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    return bn
+
+
+def test_task_batchnorm_branch_copies_base():
+    bn = _trained_bn()
+    for p in bn.parameters():
+        p.requires_grad_(False)
+    tbn = TaskBatchNorm2d(bn)
+    tbn.add_adapter("t000")
+    assert tbn.adapters() == ["t000"]
+    branch = tbn.branches["t000"]
+    assert branch is not bn
+    base_sd, branch_sd = bn.state_dict(), branch.state_dict()
+    assert set(base_sd) == set(branch_sd)
+    for k in base_sd:
+        assert torch.equal(base_sd[k], branch_sd[k]), k
+        assert branch_sd[k].data_ptr() != base_sd[k].data_ptr(), k  # a copy, not shared
+    assert all(p.requires_grad for p in branch.parameters())
+    assert not any(p.requires_grad for p in bn.parameters())
+
+    x = torch.randn(2, 3, 4, 4)
+    tbn.eval()
+    tbn.active = ("t000",)
+    assert torch.equal(tbn(x), bn(x))
+    # the branch is its own: changing it changes the output, not the base
+    with torch.no_grad():
+        branch.bias.add_(1.0)
+    assert not torch.equal(tbn(x), bn(x))
+    tbn.active = ()
+    assert torch.equal(tbn(x), bn(x))
+
+
+def test_task_batchnorm_activation_rules():
+    bn = _trained_bn()
+    tbn = TaskBatchNorm2d(bn)
+    tbn.add_adapter("t000")
+    tbn.add_adapter("t001")
+    with torch.no_grad():
+        tbn.branches["t000"].bias.add_(1.0)
+        tbn.branches["t001"].bias.add_(-2.0)
+    tbn.eval()
+    x = torch.randn(2, 3, 4, 4)
+    tbn.active = ("t000", "t001")
+    with pytest.raises(RuntimeError, match="at most one"):
+        tbn(x)
+    tbn.active = ()
+    assert torch.equal(tbn(x), bn(x))
+    tbn.active = ("t999",)  # not owned -> base
+    assert torch.equal(tbn(x), bn(x))
+    tbn.active = ("t001", "t999")  # one owned -> that branch
+    assert torch.equal(tbn(x), tbn.branches["t001"](x))
+    assert not torch.equal(tbn(x), bn(x))
+
+
+def test_set_active_adapters_reaches_every_layer():
+    model = nn.Sequential(LoRALinear(nn.Linear(3, 3)), nn.ReLU(),
+                          nn.Sequential(LoRAConv2d(nn.Conv2d(3, 3, 1)),
+                                        TaskBatchNorm2d(nn.BatchNorm2d(3))))
+    set_active_adapters(model, ["t000", "t001"])
+    assert model[0].active == ("t000", "t001")
+    assert model[2][0].active == ("t000", "t001")
+    assert model[2][1].active == ("t000", "t001")
+    set_active_adapters(model, [])
+    assert model[0].active == () and model[2][1].active == ()
+
+
+# -- qkv splitting and injection ----------------------------------------------------------------
+def _test_vit():
+    torch.manual_seed(9)
+    model = timm.create_model("test_vit", num_classes=0, img_size=16, patch_size=4)
+    return model.eval()
+
+
+def test_split_fused_qkv_keeps_outputs():
+    model = _test_vit()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    n_blocks = len(model.blocks)
+    assert split_fused_qkv(model) == n_blocks
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+    for i in range(n_blocks):
+        qkv = model.get_submodule(f"blocks.{i}.attn.qkv")
+        assert isinstance(qkv, SplitQKV)
+        for part in ("q", "k", "v"):
+            lin = model.get_submodule(f"blocks.{i}.attn.qkv.{part}")
+            assert type(lin) is nn.Linear
+            assert (lin.in_features, lin.out_features) == (64, 64)
+    # nothing fused is left: a second call splits nothing
+    assert split_fused_qkv(model) == 0
+
+
+def test_inject_lora_on_split_k_projections():
+    model = _test_vit()
+    split_fused_qkv(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    names = inject_lora(model, ["blocks.*.attn.qkv.k"])
+    assert names == [f"blocks.{i}.attn.qkv.k" for i in range(len(model.blocks))]
+    layers = lora_layers(model)
+    assert list(layers) == names
+    assert all(isinstance(m, LoRALinear) for m in layers.values())
+    # q and v are untouched
+    assert type(model.get_submodule("blocks.0.attn.qkv.q")) is nn.Linear
+    # wrapping alone, and a fresh adapter, change nothing
+    for layer in layers.values():
+        layer.add_adapter("t000", rank=4)
+    set_active_adapters(model, ["t000"])
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_inject_lora_mixed_patterns_and_conv():
+    model = _test_vit()
+    names = inject_lora(model, ["patch_embed.proj", "blocks.[0-1].mlp.fc1"])
+    assert names == ["patch_embed.proj", "blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    assert isinstance(model.patch_embed.proj, LoRAConv2d)
+    assert isinstance(model.blocks[1].mlp.fc1, LoRALinear)
+    assert type(model.blocks[2].mlp.fc1) is nn.Linear
+
+
+def test_inject_lora_no_match_raises_with_pattern_and_candidates():
+    model = _test_vit()
+    pattern = "blocks.*.attn.nonexistent"
+    with pytest.raises(ValueError) as info:
+        inject_lora(model, [pattern])
+    msg = str(info.value)
+    assert pattern in msg
+    assert "blocks.0.attn.qkv" in msg
+    assert "patch_embed.proj" in msg
+    # nothing was wrapped
+    assert lora_layers(model) == {}
+
+
+# -- ContinualClassifier ------------------------------------------------------------------------
+def test_continual_classifier_heads():
+    torch.manual_seed(10)
+    backbone = nn.Sequential(nn.Flatten(), LoRALinear(nn.Linear(12, 8)))
+    model = ContinualClassifier(backbone, feature_dim=8)
+    g = torch.Generator().manual_seed(0)
+    h0 = model.add_head("t000", 3, g)
+    h1 = model.add_head("t001", 5, g)
+    x = torch.randn(4, 3, 2, 2)
+
+    model.activate([], ["t000", "t001"])
+    logits = model(x)
+    assert logits.shape == (4, 8)
+    f = model.features(x)
+    assert f.shape == (4, 8)
+    torch.testing.assert_close(logits, torch.cat([h0(f), h1(f)], dim=-1))
+
+    # order follows the activation order; one head alone gives its width
+    model.activate([], ["t001", "t000"])
+    torch.testing.assert_close(model(x), torch.cat([h1(f), h0(f)], dim=-1))
+    model.activate([], ["t001"])
+    assert model(x).shape == (4, 5)
+
+    with pytest.raises(KeyError, match="t002"):
+        model.activate([], ["t000", "t002"])
+    assert list(model.lora_layers()) == ["1"]
+
+
+def test_continual_classifier_activates_adapters():
+    torch.manual_seed(11)
+    backbone = nn.Sequential(LoRALinear(nn.Linear(6, 4)))
+    model = ContinualClassifier(backbone, feature_dim=4)
+    model.add_head("t000", 2)
+    _set_random(backbone[0], "t000", rank=2)
+    x = torch.randn(3, 6)
+    model.activate([], ["t000"])
+    plain = model(x)
+    model.activate(["t000"], ["t000"])
+    assert backbone[0].active == ("t000",)
+    assert not torch.allclose(model(x), plain)
