@@ -1,0 +1,2 @@
+"""Run configuration: schema, validation, Hydra composition."""
+from .schema import RunConfig, validate  # noqa: F401

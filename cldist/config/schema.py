@@ -1,0 +1,207 @@
+"""The run configuration: dataclasses that Hydra composes into, and one validation step.
+
+Defaults live in `configs/` (YAML); these dataclasses give every key its type, so that Hydra
+rejects a key that does not exist and `validate` can report every bad value at once.
+Library code receives these plain dataclasses (or dicts made from them), never Hydra objects.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from ..errors import ConfigError
+
+RUNNERS = ("ray", "inline")
+NORMALIZATIONS = ("backbone", "none")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "pearl"
+    targets: list[str] = field(default_factory=lambda: ["k"])  # role names or glob patterns
+    epochs: int = 3  # main training epochs (PEARL: stage 2)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # PEARL
+    stage1_epochs: int = 1
+    stage1_lr: float = 1e-3
+    reference: str = "auto"  # auto | pretrained | first_task
+    reference_epochs: int = 3
+    threshold_rule: str = "squashed"
+    rule_params: dict[str, Any] = field(default_factory=dict)
+    min_rank: int = 1
+    max_rank: Optional[int] = None
+    reinit: bool = True
+    task_norms: bool = True
+    variant: str = "paper"
+
+
+@dataclass
+class ScenarioConfig:
+    name: str = "fmnist_5t"
+    source: str = "fashion_mnist"  # a `cldist data build` source
+    manifest: Optional[str] = None  # an already-built manifest.json (or its directory)
+    data_dir: str = "data/fmnist_5t"  # where to build the shards when `manifest` is unset
+    root: Optional[str] = None  # raw data location for the source (default: the source's own)
+    n_tasks: int = 5
+    class_order_seed: int = 1993
+    max_train_per_class: Optional[int] = None
+    max_test_per_class: Optional[int] = None
+    image_size: int = 32  # model input size
+    augment: bool = True
+    normalize: str = "backbone"  # backbone | none
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "tf_efficientnet_lite0"
+    pretrained: bool = False  # timm hub download (needs internet)
+    checkpoint: Optional[str] = None  # local weights, or package:efficientnet_lite0
+    img_size: Optional[int] = None
+    patch_size: Optional[int] = None
+    family: str = "cnn"  # cnn | vit
+    # role name -> glob patterns over module names; methods name roles in `method.targets`
+    roles: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1
+    zero_stage: int = 0
+    epochs: Optional[int] = None  # overrides method.epochs when set
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    max_concurrent_tasks: Optional[int] = None  # None: as many as the cluster's resources allow
+    max_failures: int = 1
+    torch_threads: Optional[int] = None
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""  # "" embedded local cluster; "auto"; "HOST:PORT"
+    num_cpus: Optional[int] = None  # embedded cluster size (default: all cores)
+    num_gpus: Optional[int] = None
+    eval_actors: int = 2
+
+
+@dataclass
+class RunConfig:
+    method: MethodConfig = field(default_factory=MethodConfig)
+    scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    runner: str = "ray"
+    seed: int = 0
+    run_dir: Optional[str] = None
+    report: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "RunConfig":
+        return RunConfig(method=MethodConfig(**d["method"]), scenario=ScenarioConfig(**d["scenario"]),
+                         backbone=BackboneConfig(**d["backbone"]), trainer=TrainerConfig(**d["trainer"]),
+                         cluster=ClusterConfig(**d["cluster"]),
+                         **{k: v for k, v in d.items()
+                            if k not in ("method", "scenario", "backbone", "trainer", "cluster")})
+
+    @property
+    def main_epochs(self) -> int:
+        return self.trainer.epochs if self.trainer.epochs is not None else self.method.epochs
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every value; raise one ConfigError that lists all problems."""
+    from ..coordinator.ranks import THRESHOLD_RULES
+    from ..methods.base import get_method_class
+    p: list[str] = []
+    try:
+        get_method_class(cfg.method.name)
+    except KeyError as e:
+        p.append(f"method={cfg.method.name}: {e.args[0]}")
+    if cfg.runner not in RUNNERS:
+        p.append(f"runner={cfg.runner}: choose one of {', '.join(RUNNERS)}")
+    for key, value, low in [("method.epochs", cfg.method.epochs, 1),
+                            ("method.stage1_epochs", cfg.method.stage1_epochs, 0),
+                            ("method.reference_epochs", cfg.method.reference_epochs, 1),
+                            ("method.min_rank", cfg.method.min_rank, 1),
+                            ("trainer.num_workers", cfg.trainer.num_workers, 1),
+                            ("trainer.batch_size", cfg.trainer.batch_size, 1),
+                            ("trainer.eval_batch_size", cfg.trainer.eval_batch_size, 1),
+                            ("scenario.n_tasks", cfg.scenario.n_tasks, 1),
+                            ("scenario.image_size", cfg.scenario.image_size, 8),
+                            ("cluster.eval_actors", cfg.cluster.eval_actors, 1)]:
+        if value < low:
+            p.append(f"{key}={value}: must be >= {low}")
+    if cfg.trainer.epochs is not None and cfg.trainer.epochs < 1:
+        p.append(f"trainer.epochs={cfg.trainer.epochs}: must be >= 1")
+    if cfg.method.max_rank is not None and cfg.method.max_rank < cfg.method.min_rank:
+        p.append(f"method.max_rank={cfg.method.max_rank}: must be >= method.min_rank "
+                 f"({cfg.method.min_rank})")
+    for key, value in [("method.lr", cfg.method.lr), ("method.stage1_lr", cfg.method.stage1_lr)]:
+        if not value > 0:
+            p.append(f"{key}={value}: must be > 0")
+    if cfg.method.weight_decay < 0:
+        p.append(f"method.weight_decay={cfg.method.weight_decay}: must be >= 0")
+    if cfg.trainer.zero_stage not in (0, 1, 2, 3):
+        p.append(f"trainer.zero_stage={cfg.trainer.zero_stage}: choose 0, 1, 2 or 3")
+    if cfg.method.threshold_rule not in THRESHOLD_RULES:
+        p.append(f"method.threshold_rule={cfg.method.threshold_rule}: choose one of "
+                 f"{', '.join(sorted(THRESHOLD_RULES))}")
+    if cfg.method.reference not in ("auto", "pretrained", "first_task"):
+        p.append(f"method.reference={cfg.method.reference}: choose auto, pretrained or first_task")
+    if cfg.method.variant not in ("paper", "official"):
+        p.append(f"method.variant={cfg.method.variant}: choose paper or official")
+    if cfg.scenario.normalize not in NORMALIZATIONS:
+        p.append(f"scenario.normalize={cfg.scenario.normalize}: choose backbone or none")
+    if cfg.backbone.family not in ("cnn", "vit"):
+        p.append(f"backbone.family={cfg.backbone.family}: choose cnn or vit")
+    if not cfg.method.targets:
+        p.append("method.targets is empty: name at least one role or module pattern")
+    for role in cfg.method.targets:
+        if not _is_pattern(role) and role not in cfg.backbone.roles and "default" not in cfg.backbone.roles:
+            p.append(f"method.targets: role {role!r} is not defined for backbone "
+                     f"{cfg.backbone.name} (roles: {sorted(cfg.backbone.roles)}); use a role or a "
+                     f"module-name pattern")
+    if cfg.trainer.max_concurrent_tasks is not None and cfg.trainer.max_concurrent_tasks < 1:
+        p.append(f"trainer.max_concurrent_tasks={cfg.trainer.max_concurrent_tasks}: must be >= 1")
+    if not has_pretrained_weights(cfg) and cfg.method.reference == "pretrained":
+        p.append("method.reference=pretrained but the backbone has no pre-trained weights "
+                 "(backbone.checkpoint / backbone.pretrained): set method.reference=first_task")
+    if p:
+        raise ConfigError(p)
+    return cfg
+
+
+def has_pretrained_weights(cfg: RunConfig) -> bool:
+    return bool(cfg.backbone.pretrained or cfg.backbone.checkpoint)
+
+
+def method_options(cfg: RunConfig) -> dict:
+    """The method's options as a plain dict, with run-level overrides applied."""
+    opts = asdict(cfg.method)
+    opts["epochs"] = cfg.main_epochs
+    if opts["reference"] == "auto":
+        opts["reference"] = "pretrained" if has_pretrained_weights(cfg) else "first_task"
+    return opts
+
+
+def _is_pattern(s: str) -> bool:
+    return any(c in s for c in ".*?[")
+
+
+def resolve_targets(cfg: RunConfig) -> list[str]:
+    """Module-name patterns for the method's target roles on this backbone."""
+    patterns: list[str] = []
+    for role in cfg.method.targets:
+        if _is_pattern(role):
+            patterns.append(role)
+        elif role in cfg.backbone.roles:
+            patterns += list(cfg.backbone.roles[role])
+        else:  # a CNN has no q/k/v: its 'default' role stands in for attention roles
+            patterns += list(cfg.backbone.roles["default"])
+    return list(dict.fromkeys(patterns))

@@ -1,0 +1,55 @@
+"""The run coordinator: the one owner of a run's state.
+
+Task jobs send it task vectors (it answers with rank decisions) and finished tasks (it commits
+them atomically and records them in state.json); the stream driver sends it accuracy rows.
+The inline runner holds one in-process; the Ray runner wraps it in an actor
+(`cldist.distributed.coordinator`) that fans the per-layer SVDs out as Ray tasks. Because one
+object owns `state.json`, concurrent task jobs never race on it.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from .ranks import allocate_rank
+from .store import RunState, commit_task
+
+
+def allocate_layer(name: str, w_ref, w_task, params: dict) -> tuple[str, dict]:
+    """One layer's rank decision as a plain dict (+ B, A factors when asked for)."""
+    res = allocate_rank(w_ref, w_task, params["rule"], params.get("rule_params"),
+                        params["min_rank"], params.get("max_rank"),
+                        return_factors=params.get("return_factors", False))
+    if isinstance(res, tuple):
+        decision, B, A = res
+        return name, {**decision.to_dict(), "B": B, "A": A}
+    return name, res.to_dict()
+
+
+class RunCoordinator:
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.state = RunState(run_dir)
+        self._lock = threading.Lock()
+
+    def allocate_ranks(self, task_vectors: dict, params: dict) -> dict:
+        return dict(allocate_layer(n, w_ref, w_task, params)
+                    for n, (w_ref, w_task) in task_vectors.items())
+
+    def commit(self, task_id: int, staging: str, meta: dict) -> None:
+        """Move a staged task into place, then record it (state.json is written last)."""
+        with self._lock:
+            commit_task(self.run_dir, task_id, staging)
+            self.state.record_task(task_id, meta)
+
+    def set_rows(self, rows: list[list[float]]) -> None:
+        with self._lock:
+            self.state.set_rows(rows)
+
+    def set(self, key: str, value) -> None:
+        with self._lock:
+            self.state.set(key, value)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return dict(self.state.data)

@@ -1,0 +1,110 @@
+"""Class-IL scoring of a run's models on test data (both runners call these).
+
+Sub-network methods (PEARL): every test image goes through every task sub-network; the
+prediction after task t is the argmax of the logits of sub-networks 0..t concatenated. Because
+sub-networks never change once trained, a block (sub-network i, test set j) is scored once and
+reduced to two numbers per image - its best logit and the stream label of that logit - and
+any row of the accuracy matrix follows from those blocks:
+
+    pred_t(x) = label of max_{i <= t} best_i(x)
+
+Single-model methods: after task t, one model over all seen classes scores test sets 0..t.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..config.schema import RunConfig
+from ..coordinator.store import load_run_manifest, load_task_tensors
+from ..data.loader import load_task_tensors as load_test_tensors
+from ..data.manifest import Manifest
+from ..models.continual import ContinualClassifier
+from ..train.task import build_model, make_method, transforms
+
+
+@dataclass
+class Block:
+    """Sub-network `subnet` on test set `test`: best logit and its stream label per image."""
+
+    subnet: int
+    test: int
+    best: np.ndarray
+    label: np.ndarray
+
+
+class Scorer:
+    """Holds one model with every finished task's state and scores test sets with it."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, device: str = "cpu"):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = torch.device(device)
+        self.manifest = load_run_manifest(self.run_dir)
+        self.method = make_method(cfg)
+        self.model: ContinualClassifier = build_model(cfg, self.method, self.manifest, run_dir)
+        self.model.to(self.device).eval()
+        self.loaded: set[int] = set()
+        self._test_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        _, self.test_tf = transforms(cfg, self.manifest)
+
+    def load_tasks(self, task_ids: Sequence[int]) -> None:
+        for t in task_ids:
+            if t not in self.loaded:
+                self.method.load_task_state(self.model, t, load_task_tensors(self.run_dir, t))
+                self.model.to(self.device).eval()
+                self.loaded.add(t)
+
+    def test_set(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if j not in self._test_cache:
+            self._test_cache[j] = load_test_tensors(self.manifest, j, "test", self.test_tf)
+        return self._test_cache[j]
+
+    @torch.no_grad()
+    def _logits(self, images: torch.Tensor) -> torch.Tensor:
+        bs = self.cfg.trainer.eval_batch_size
+        out = [self.model(images[i:i + bs].to(self.device)).float().cpu()
+               for i in range(0, images.shape[0], bs)]
+        return torch.cat(out) if out else torch.empty(0)
+
+    def score_blocks(self, pairs: Sequence[tuple[int, int]]) -> list[Block]:
+        """Blocks (sub-network i, test set j) for a sub-network method."""
+        offsets = self.manifest.class_offsets()
+        self.load_tasks(sorted({i for i, _ in pairs}))
+        blocks = []
+        for i in sorted({i for i, _ in pairs}):
+            self.method.activate_subnetwork(self.model, i)
+            for j in sorted(j for ii, j in pairs if ii == i):
+                images, _ = self.test_set(j)
+                best, idx = self._logits(images).max(dim=1)
+                blocks.append(Block(i, j, best.numpy(), (idx + offsets[i]).numpy()))
+        return blocks
+
+    def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, float]:
+        """Accuracy (%) of the model after `upto_task` on each test set."""
+        self.load_tasks(self.method.state_dependencies(upto_task) + [upto_task])
+        self.method.activate_model(self.model, upto_task)
+        out = {}
+        for j in tests:
+            images, labels = self.test_set(j)
+            pred = self._logits(images).argmax(dim=1)
+            out[j] = 100.0 * float((pred == labels).float().mean()) if len(labels) else 0.0
+        return out
+
+    def test_labels(self, j: int) -> np.ndarray:
+        return self.test_set(j)[1].numpy()
+
+
+def row_from_blocks(t: int, blocks: dict[tuple[int, int], Block],
+                    labels: dict[int, np.ndarray]) -> list[float]:
+    """Accuracy row t (% per test set j <= t) from the blocks of sub-networks 0..t."""
+    row = []
+    for j in range(t + 1):
+        best = np.stack([blocks[(i, j)].best for i in range(t + 1)])
+        label = np.stack([blocks[(i, j)].label for i in range(t + 1)])
+        pred = label[best.argmax(axis=0), np.arange(best.shape[1])]
+        row.append(100.0 * float((pred == labels[j]).mean()) if len(labels[j]) else 0.0)
+    return row

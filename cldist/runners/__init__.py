@@ -1,0 +1,32 @@
+"""Runners: where task jobs and scoring run. `inline` here; `ray` in cldist.distributed."""
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence
+
+from ..eval.scoring import Block
+from ..train.task import TaskJob
+
+OnTaskDone = Callable[[int, dict], None]
+
+
+class Runner(Protocol):
+    """Executes a stream's task graph and scores models; the stream driver owns the rest."""
+
+    name: str
+
+    def run_tasks(self, jobs: dict[int, TaskJob], deps: dict[int, list[int]],
+                  on_done: OnTaskDone) -> None:
+        """Run every job once its dependencies are done; call on_done(task, meta) for each."""
+
+    def score_blocks(self, pairs: Sequence[tuple[int, int]]) -> list[Block]: ...
+
+    def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, float]: ...
+
+    def test_labels(self, j: int): ...
+
+    def close(self) -> None: ...
+
+
+def ready_order(pending: Sequence[int], deps: dict[int, list[int]], done: set[int]) -> list[int]:
+    """Pending tasks whose dependencies are all done, in task order."""
+    return [t for t in pending if all(d in done for d in deps[t])]

@@ -1,0 +1,60 @@
+"""The inline runner: the whole stream in this process, no Ray, no DeepSpeed.
+
+It calls the same pure functions as the Ray runner (`train_task`, `Scorer`), in task order,
+with plain torch AdamW. For debugging and unit tests.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..config.schema import RunConfig
+from ..coordinator.run_coordinator import RunCoordinator
+from ..eval.scoring import Block, Scorer
+from ..train.task import TaskJob, train_task
+from . import OnTaskDone, ready_order
+
+
+class InlineRunner:
+    name = "inline"
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, on_epoch: Callable | None = None):
+        self.cfg, self.run_dir, self.on_epoch = cfg, Path(run_dir), on_epoch
+        self._scorer: Scorer | None = None
+        self.coordinator = RunCoordinator(run_dir)
+
+    def run_tasks(self, jobs: dict[int, TaskJob], deps: dict[int, list[int]],
+                  on_done: OnTaskDone, started: Callable[[int], None] | None = None) -> None:
+        pending = sorted(jobs)
+        done = {t for t in deps if t not in jobs}
+        while pending:
+            ready = ready_order(pending, deps, done)
+            if not ready:
+                raise RuntimeError(f"task graph is stuck: pending {pending}, done {sorted(done)}")
+            t = ready[0]
+            if started:
+                started(t)
+            meta = train_task(jobs[t], on_epoch=self.on_epoch,
+                              allocate_ranks=self.coordinator.allocate_ranks)
+            on_done(t, meta)
+            done.add(t)
+            pending.remove(t)
+
+    @property
+    def scorer(self) -> Scorer:
+        if self._scorer is None:
+            self._scorer = Scorer(self.cfg, self.run_dir)
+        return self._scorer
+
+    def score_blocks(self, pairs: Sequence[tuple[int, int]]) -> list[Block]:
+        return self.scorer.score_blocks(pairs)
+
+    def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, float]:
+        # a single-model method's weights change every task: score with a fresh model
+        return Scorer(self.cfg, self.run_dir).score_single(upto_task, tests)
+
+    def test_labels(self, j: int):
+        return self.scorer.test_labels(j)
+
+    def close(self) -> None:
+        self._scorer = None

@@ -1,0 +1,240 @@
+"""The stream recipe: train and evaluate a whole task stream, top to bottom.
+
+    cfg -> run directory -> scenario shards -> method's task graph -> runner runs the jobs
+    -> each finished task: commit (atomic), log, score the new blocks / rows
+    -> metrics.json, TensorBoard, summary table, report
+
+CPU-sized example (seconds): `cldist run scenario=digits_5t backbone=test_vit runner=inline`.
+"""
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from .config.compose import to_yaml
+from .config.schema import RunConfig
+from .coordinator.store import (clean_staging, load_run_manifest, save_run_manifest,
+                                write_json_atomic)
+from .data.manifest import Manifest
+from .errors import UserError
+from .eval.metrics import summarize
+from .report.progress import Progress
+from .report.summary import format_summary_table
+from .report.tensorboard import TensorBoardLogger
+from .train.task import TaskJob, make_method
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.method.name}-{cfg.scenario.name}-{stamp}"
+
+
+def ensure_scenario(cfg: RunConfig) -> Manifest:
+    """The scenario's manifest: the given one, or the shards built (once) into data_dir."""
+    sc = cfg.scenario
+    if sc.manifest:
+        return Manifest.load(sc.manifest)
+    data_dir = Path(sc.data_dir)
+    if (data_dir / "manifest.json").is_file():
+        m = Manifest.load(data_dir)
+        if m.source == sc.source and m.n_tasks == sc.n_tasks:
+            return m
+        raise UserError(f"{data_dir} holds a {m.source} stream of {m.n_tasks} tasks, not the "
+                        f"{sc.source} stream of {sc.n_tasks} that scenario={sc.name} asks for; set "
+                        f"scenario.data_dir to another directory or remove it")
+    from .data.build import build_dataset
+    print(f"[data] building {sc.source} shards into {data_dir} ...", flush=True)
+    return build_dataset(sc.source, data_dir, root=sc.root, n_tasks=sc.n_tasks,
+                         seed=sc.class_order_seed, max_train_per_class=sc.max_train_per_class,
+                         max_test_per_class=sc.max_test_per_class)
+
+
+def preflight(cfg: RunConfig, manifest: Manifest) -> None:
+    """Fail before anything is written: shards must match the manifest, targets must match."""
+    from .data.loader import verify_shard_checksum
+    for task in manifest.tasks:
+        for shard in task.train + task.test:
+            verify_shard_checksum(manifest.shard_url(shard), shard.sha256)
+    method = make_method(cfg)
+    try:
+        from .models.backbone import build_backbone
+        from .models.inject import split_fused_qkv
+        from .train.task import backbone_spec
+        backbone = build_backbone(backbone_spec(cfg))
+        if cfg.backbone.family == "vit":
+            split_fused_qkv(backbone)
+        method.build(backbone, int(backbone.num_features), [len(t.classes) for t in manifest.tasks])
+    except ValueError as e:  # inject_lora: no target matched
+        raise UserError(f"method.targets={cfg.method.targets}: {e}") from None
+
+
+def prepare_run_dir(cfg: RunConfig, manifest: Manifest) -> Path:
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    if (run_dir / "state.json").exists():
+        raise UserError(f"{run_dir} already holds a run; `cldist resume {run_dir}` continues it, "
+                        f"or choose another run_dir=")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(run_dir)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    write_json_atomic(run_dir / "config.json", cfg.to_dict())
+    save_run_manifest(run_dir, manifest)
+    return run_dir
+
+
+def make_runner(cfg: RunConfig, run_dir: Path, progress: Progress):
+    if cfg.runner == "inline":
+        from .runners.inline import InlineRunner
+        return InlineRunner(cfg, run_dir, on_epoch=_epoch_printer(progress))
+    from .distributed.runner import RayRunner
+    return RayRunner(cfg, run_dir, progress=progress)
+
+
+def _epoch_printer(progress: Progress):
+    def on_epoch(task_id, phase, epoch, n_epochs, loss, lr):
+        progress.epoch(task_id, phase, epoch + 1, n_epochs, loss, lr)
+    return on_epoch
+
+
+class StreamEvaluator:
+    """Turns finished tasks into accuracy-matrix rows as soon as each row can be computed."""
+
+    def __init__(self, prediction: str, runner, n_tasks: int, n_test: list[int]):
+        self.prediction, self.runner, self.n_tasks, self.n_test = prediction, runner, n_tasks, n_test
+        self.finished: set[int] = set()
+        self.blocks: dict = {}
+        self.labels: dict = {}
+        self.rows: list[list[float]] = []
+        self.eval_seconds: list[float] = []
+
+    def task_finished(self, t: int) -> list[int]:
+        """Record task t; returns the indices of rows that became available."""
+        self.finished.add(t)
+        start = time.perf_counter()
+        if self.prediction == "subnetworks":
+            pairs = [(t, j) for j in sorted(self.finished)] + \
+                    [(i, t) for i in sorted(self.finished) if i != t]
+            for b in self.runner.score_blocks(pairs):
+                self.blocks[(b.subnet, b.test)] = b
+        new_rows = []
+        while len(self.rows) < self.n_tasks and len(self.rows) in self.finished and \
+                all(i in self.finished for i in range(len(self.rows) + 1)):
+            r = len(self.rows)
+            if self.prediction == "subnetworks":
+                from .eval.scoring import row_from_blocks
+                for j in range(r + 1):
+                    if j not in self.labels:
+                        self.labels[j] = self.runner.test_labels(j)
+                row = row_from_blocks(r, self.blocks, self.labels)
+            else:
+                scores = self.runner.score_single(r, list(range(r + 1)))
+                row = [scores[j] for j in range(r + 1)]
+            self.rows.append(row)
+            new_rows.append(r)
+        elapsed = time.perf_counter() - start
+        if new_rows:
+            images = sum(self.n_test[: new_rows[-1] + 1])
+            self.eval_seconds.append(elapsed / max(1, images))
+        return new_rows
+
+
+def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
+    """Train and evaluate the stream `cfg` describes; returns metrics.json's content."""
+    wall_start = time.perf_counter()
+    if resume_dir is None:
+        manifest = ensure_scenario(cfg)
+        preflight(cfg, manifest)
+        run_dir = prepare_run_dir(cfg, manifest)
+    else:
+        run_dir = Path(resume_dir)
+        removed = clean_staging(run_dir)
+        if removed:
+            print(f"[resume] removed unfinished task files: {', '.join(removed)}", flush=True)
+    manifest = load_run_manifest(run_dir)
+    n = manifest.n_tasks
+    method = make_method(cfg)
+    deps = {t: d for t, d in enumerate(method.task_graph(n))}
+    progress = Progress(n)
+    runner = make_runner(cfg, run_dir, progress)
+    coordinator = runner.coordinator  # the one owner of state.json
+    coordinator.set("status", "running")
+    done_before = set(coordinator.snapshot()["completed_tasks"])
+    tb = TensorBoardLogger(run_dir / "tb")
+    lock = threading.Lock()
+    n_test = [t.n_test for t in manifest.tasks]
+    evaluator = StreamEvaluator(method.prediction, runner, n, n_test)
+    global_step = {"value": 0}
+
+    def record_rows(rows: list[int]) -> None:
+        for r in rows:
+            s = summarize(evaluator.rows[: r + 1], n_test[: r + 1])
+            tb.log_task_row(r, evaluator.rows[r], s["acc"], s["aaa"])
+            progress.message(f"[eval] after task {r:03d}: Acc {s['acc']:.2f}%  AAA {s['aaa']:.2f}%  "
+                             f"row {[round(x, 1) for x in evaluator.rows[r]]}")
+        coordinator.set_rows(evaluator.rows)
+
+    try:
+        with lock:
+            for t in sorted(done_before):
+                record_rows(evaluator.task_finished(t))
+
+        def on_done(t: int, meta: dict) -> None:
+            with lock:
+                coordinator.commit(t, meta["staging_dir"], meta)
+                for fit in meta.get("fits", []):
+                    for e, loss in enumerate(fit["losses"]):
+                        tb.log_epoch(t, fit["phase"], e, global_step["value"], loss, 0.0)
+                        global_step["value"] += 1
+                if meta.get("ranks"):
+                    tb.log_ranks(t, meta["ranks"])
+                progress.task_finished(t, meta.get("train_seconds"))
+                record_rows(evaluator.task_finished(t))
+
+        jobs = {t: TaskJob(str(run_dir), cfg.to_dict(), t) for t in range(n) if t not in done_before}
+        runner.run_tasks(jobs, deps, on_done, started=progress.task_started)
+    except BaseException:
+        coordinator.set("status", "interrupted")
+        runner.close()
+        raise
+
+    if len(evaluator.rows) != n:
+        raise RuntimeError(f"only {len(evaluator.rows)} of {n} accuracy rows were computed")
+    s = summarize(evaluator.rows, n_test)
+    state = coordinator.snapshot()
+    meta = state["task_meta"]
+    params = [int(state["params_per_task"].get(str(t), 0)) for t in range(n)]
+    metrics = {"acc": s["acc"], "aaa": s["aaa"], "forgetting": s["forgetting"], "bwt": s["bwt"],
+               "accuracy_matrix": evaluator.rows, "n_tasks": n, "method": cfg.method.name,
+               "params_per_task": round(sum(params) / n), "params_added": params,
+               "wall_seconds": time.perf_counter() - wall_start
+               + float(state.get("wall_seconds_before", 0.0)),
+               "avg_acc_curve": s["avg_acc_curve"], "forgetting_per_task": s["forgetting_per_task"],
+               "n_test": n_test, "ranks": state["ranks"], "runner": cfg.runner,
+               "scenario": cfg.scenario.name, "backbone": cfg.backbone.name, "seed": cfg.seed,
+               "train_seconds_per_task": [meta.get(str(t), {}).get("train_seconds") for t in range(n)],
+               "eval_seconds_per_image": evaluator.eval_seconds}
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    coordinator.set("status", "finished")
+    tb.log_hparams(_flat_hparams(cfg), {k: metrics[k] for k in ("acc", "aaa", "forgetting", "bwt")})
+    tb.close()
+    runner.close()
+    print(format_summary_table(metrics), flush=True)
+    if cfg.report:
+        from .report.report import write_report
+        path = write_report(run_dir)
+        print(f"report: {path}", flush=True)
+    print(f"run directory: {run_dir}", flush=True)
+    return metrics
+
+
+def _flat_hparams(cfg: RunConfig) -> dict:
+    d = cfg.to_dict()
+    return {"method": d["method"], "scenario": d["scenario"]["name"], "backbone": d["backbone"]["name"],
+            "runner": d["runner"], "seed": d["seed"], "trainer": d["trainer"]}
+
+
+def remove_run_dir_if_unstarted(run_dir: Path) -> None:
+    """A run that failed before any task committed leaves nothing that looks like a run."""
+    if run_dir.is_dir() and not (run_dir / "tasks").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,169 @@
+"""Train one task of a stream: the pure function both runners call.
+
+`train_task(job, ...)` builds the backbone and the method's model, loads what the task depends
+on (reference weights, earlier tasks' state), runs the method's phases through
+`cldist.train.loop.fit`, and - on rank 0 - writes the task's tensors and meta into a staging
+directory. Committing that directory into the run directory is the coordinator's job.
+
+Everything it receives is plain data (a config dict, paths, ints) plus three callables the
+runner supplies: `make_engine` (torch AdamW or DeepSpeed), `allocate_ranks` (local SVDs, or the
+coordinator actor fanning them out) and `on_epoch` (progress).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config.schema import RunConfig, method_options, resolve_targets
+from ..coordinator.run_coordinator import RunCoordinator
+from ..data.loader import make_transform, task_batches
+from ..data.manifest import Manifest
+from ..methods.base import ContinualMethod, TaskContext, get_method_class
+from ..models.backbone import BackboneSpec, build_backbone, default_normalization
+from ..models.continual import ContinualClassifier
+from ..models.inject import split_fused_qkv
+from . import loop
+from .engine import TorchStepEngine
+from ..coordinator.store import (load_reference, load_run_manifest, load_task_tensors,
+                                 write_task_dir)
+
+
+@dataclass
+class TaskJob:
+    """What a task job needs, all of it plain and picklable."""
+
+    run_dir: str
+    config: dict  # RunConfig.to_dict()
+    task_id: int
+
+    @property
+    def cfg(self) -> RunConfig:
+        return RunConfig.from_dict(self.config)
+
+
+def make_method(cfg: RunConfig) -> ContinualMethod:
+    cls = get_method_class(cfg.method.name)
+    return cls(method_options(cfg), resolve_targets(cfg), is_cnn=cfg.backbone.family == "cnn")
+
+
+def backbone_spec(cfg: RunConfig) -> BackboneSpec:
+    b = cfg.backbone
+    return BackboneSpec(name=b.name, pretrained=b.pretrained, checkpoint=b.checkpoint,
+                        img_size=b.img_size, patch_size=b.patch_size)
+
+
+def build_model(cfg: RunConfig, method: ContinualMethod, manifest: Manifest,
+                run_dir: str | Path) -> ContinualClassifier:
+    """The method's model on the configured backbone, with the run's reference weights."""
+    torch.manual_seed(cfg.seed)  # backbone init (random-init backbones) is part of the seed
+    backbone = build_backbone(backbone_spec(cfg))
+    if cfg.backbone.family == "vit":
+        split_fused_qkv(backbone)
+    classes = [len(t.classes) for t in manifest.tasks]
+    model = method.build(backbone, int(backbone.num_features), classes)
+    reference = load_reference(run_dir)
+    if reference is not None:
+        method.load_reference_state(model, reference)
+    return model
+
+
+def transforms(cfg: RunConfig, manifest: Manifest):
+    """(train, test) image transforms: resize, optional augmentation, normalisation."""
+    if cfg.scenario.normalize == "backbone":
+        mean, std = default_normalization(backbone_spec(cfg))
+    else:
+        mean = std = None
+    size = cfg.scenario.image_size
+    train = make_transform(size, 3, mean, std, train=True, augment=cfg.scenario.augment)
+    test = make_transform(size, 3, mean, std, train=False, augment=False)
+    return train, test
+
+
+def task_generator(seed: int, task_id: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + task_id * 7919 + salt)
+
+
+def local_allocate_ranks(task_vectors: dict, params: dict) -> dict:
+    """Rank decisions computed in this process (no coordinator)."""
+    return RunCoordinator.allocate_ranks(None, task_vectors, params)  # type: ignore[arg-type]
+
+
+def torch_engine(module, params, lr, weight_decay, total_steps):
+    return TorchStepEngine(module, params, lr, weight_decay, total_steps)
+
+
+def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
+               make_engine: Callable = torch_engine,
+               allocate_ranks: Callable = local_allocate_ranks,
+               on_epoch: Callable | None = None,
+               device: torch.device | str = "cpu",
+               staging_root: str | Path | None = None) -> dict:
+    """Learn task `job.task_id`; returns its meta (and `staging_dir` on rank 0)."""
+    start = time.perf_counter()
+    cfg = job.cfg
+    device = torch.device(device)
+    manifest = load_run_manifest(job.run_dir)
+    method = make_method(cfg)
+    model = build_model(cfg, method, manifest, job.run_dir)
+    for dep in method.state_dependencies(job.task_id):
+        method.load_task_state(model, dep, load_task_tensors(job.run_dir, dep))
+    model.to(device)
+    train_tf, _ = transforms(cfg, manifest)
+    t = job.task_id
+    bs = cfg.trainer.batch_size
+    # every rank must take the same number of steps (collectives); the sample split gives
+    # ranks at most one sample more or less, so the shortest share sets the step count
+    share = manifest.tasks[t].n_train // world_size
+    steps = max(1, -(-share // bs))
+    data_seed = cfg.seed * 1_000_003 + t
+
+    def batches(epoch: int):
+        it = task_batches(manifest, t, "train", bs, train_tf, shuffle=True, seed=data_seed,
+                          epoch=epoch, rank=rank, world_size=world_size)
+        for i, batch in enumerate(it):
+            if i >= steps:
+                break
+            yield batch
+
+    def fit(model_, request):
+        def report(phase, epoch, n_epochs, loss_value, lr):
+            if on_epoch is not None and rank == 0:
+                on_epoch(t, phase, epoch, n_epochs, loss_value, lr)
+        return loop.fit(model_, request, batches, steps, make_engine, device, report, task_id=t)
+
+    ctx = TaskContext(task_id=t, n_tasks=manifest.n_tasks,
+                      classes_per_task=[len(x.classes) for x in manifest.tasks],
+                      class_offsets=manifest.class_offsets(), fit=fit,
+                      allocate_ranks=allocate_ranks, train_batches=batches,
+                      generator=task_generator(cfg.seed, t), device=device)
+    meta = method.learn_task(model, ctx)
+    model.to("cpu")
+    meta.update({"task_id": t, "classes": list(manifest.tasks[t].classes),
+                 "params_added": method.params_added(model, t),
+                 "train_seconds": time.perf_counter() - start, "world_size": world_size,
+                 "seed": cfg.seed, "data_seed": data_seed})
+    if rank == 0:
+        root = Path(staging_root) if staging_root else Path(job.run_dir) / "tasks"
+        staging = root / f".staging-{t:03d}-{uuid.uuid4().hex[:8]}"
+        # a method that trains its own reference does so on task 0 (PEARL without pre-training)
+        write_task_dir(staging, method.task_state(model, t), json_safe(meta),
+                       reference=method.reference_state(model) if t == 0 else None)
+        meta["staging_dir"] = str(staging)
+    return meta
+
+
+def json_safe(meta: dict) -> dict:
+    return json.loads(json.dumps(meta, default=float))
+
+
+def env_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(int(n))
+        os.environ["OMP_NUM_THREADS"] = str(n)

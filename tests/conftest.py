@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny data built once per session, one Ray cluster per session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """Split digits (sklearn's bundled 8x8 digits): 5 tasks of 2 classes, seconds to build."""
+    from cldist.data.build import build_dataset
+    out = tmp_path_factory.mktemp("digits_5t")
+    build_dataset("digits", out, n_tasks=5, seed=1993, max_train_per_class=60, max_test_per_class=30)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The embedded local Ray cluster, started once for the whole test session."""
+    from cldist.distributed.cluster import connect, shutdown
+    info = connect(num_cpus=2)
+    yield info
+    shutdown()
+
+
+def tiny_overrides(data_dir, run_dir, *extra):
+    """A seconds-long PEARL stream on the digits shards with timm's test ViT."""
+    return ["scenario=digits_5t", f"scenario.manifest={data_dir}", "backbone=test_vit",
+            f"run_dir={run_dir}", "method.epochs=2", "method.stage1_epochs=1",
+            "method.reference_epochs=3", "trainer.batch_size=32", "report=false", *extra]
