@@ -188,7 +188,7 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
                         global_step["value"] += 1
                 if meta.get("ranks"):
                     tb.log_ranks(t, meta["ranks"])
-                progress.task_finished(t, meta.get("train_seconds"))
+                progress.task_finished(t)
                 record_rows(evaluator.task_finished(t))
 
         jobs = {t: TaskJob(str(run_dir), cfg.to_dict(), t) for t in range(n) if t not in done_before}

@@ -33,7 +33,20 @@ class MethodConfig:
     max_rank: Optional[int] = None
     reinit: bool = True
     task_norms: bool = True
-    variant: str = "paper"
+    variant: str = "paper"  # paper | official (where the authors' code differs from the paper)
+    # LoRA methods (sdlora*, inflora, codyra, seq_lora)
+    rank: int = 10  # adapter rank (CoDyRA: the starting rank before pruning)
+    blocks: Optional[int] = None  # only targets in blocks 0..blocks-1 (InfLoRA-b5: 5)
+    # SD-LoRA
+    rank_schedule: list[int] = field(default_factory=list)  # rank of task t = [min(t, len-1)]
+    magnitude_init: Optional[float] = None  # None: 1.0 (paper) / 0.8 (official)
+    kd_threshold: float = 9e-4  # SD-LoRA-KD: absorb when every layer's LS residual is below
+    # InfLoRA
+    gpm_eps: float = 0.95  # DualGPM eps_0: eps_t = eps_0 + (1 - eps_0) t / T
+    # CoDyRA
+    kappa_max: float = 0.005  # final l1 proximal threshold
+    dense_fraction: float = 0.5  # fraction of a task's steps before the proximal steps start
+    kappa_steps: int = 50  # variant=official: staircase levels of kappa
 
 
 @dataclass
@@ -84,6 +97,7 @@ class ClusterConfig:
     num_cpus: Optional[int] = None  # embedded cluster size (default: all cores)
     num_gpus: Optional[int] = None
     eval_actors: int = 2
+    svd_task_cpus: float = 0.0  # CPUs each per-layer SVD task reserves (see distributed/actors.py)
 
 
 @dataclass
@@ -156,6 +170,25 @@ def validate(cfg: RunConfig) -> RunConfig:
         p.append(f"method.reference={cfg.method.reference}: choose auto, pretrained or first_task")
     if cfg.method.variant not in ("paper", "official"):
         p.append(f"method.variant={cfg.method.variant}: choose paper or official")
+    m = cfg.method
+    if m.rank < 1:
+        p.append(f"method.rank={m.rank}: must be >= 1")
+    if m.blocks is not None and m.blocks < 1:
+        p.append(f"method.blocks={m.blocks}: must be >= 1 (or null for every block)")
+    if any(int(r) < 1 for r in m.rank_schedule):
+        p.append(f"method.rank_schedule={list(m.rank_schedule)}: every rank must be >= 1")
+    if m.magnitude_init is not None and not -float("inf") < m.magnitude_init < float("inf"):
+        p.append(f"method.magnitude_init={m.magnitude_init}: must be a finite number or null")
+    if not m.kd_threshold >= 0:
+        p.append(f"method.kd_threshold={m.kd_threshold}: must be >= 0")
+    if not 0 < m.gpm_eps <= 1:
+        p.append(f"method.gpm_eps={m.gpm_eps}: must be in (0, 1]")
+    if not m.kappa_max >= 0:
+        p.append(f"method.kappa_max={m.kappa_max}: must be >= 0")
+    if not 0 <= m.dense_fraction < 1:
+        p.append(f"method.dense_fraction={m.dense_fraction}: must be in [0, 1)")
+    if m.kappa_steps < 1:
+        p.append(f"method.kappa_steps={m.kappa_steps}: must be >= 1")
     if cfg.scenario.normalize not in NORMALIZATIONS:
         p.append(f"scenario.normalize={cfg.scenario.normalize}: choose backbone or none")
     if cfg.backbone.family not in ("cnn", "vit"):

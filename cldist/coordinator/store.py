@@ -75,6 +75,7 @@ def commit_task(run_dir, task_id: int, staging: str | Path) -> Path:
     """Make a staged task final: rename it to tasks/TTT (and its reference to RUN/)."""
     run_dir, staging = Path(run_dir), Path(staging)
     final = task_dir(run_dir, task_id)
+    final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         # a retried job finished twice: keep the first commit, drop the duplicate
         shutil.rmtree(staging, ignore_errors=True)

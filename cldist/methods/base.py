@@ -40,8 +40,10 @@ class FitRequest:
     lr: float
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     weight_decay: float = 0.0
-    # called after every optimiser step (CoDyRA's proximal step); gets the step index
+    # called after every optimiser step (CoDyRA's proximal step) with (step, total_steps)
     after_step: Callable[[int, int], None] | None = None
+    # "task": the current task's data; "seen": tasks 0..t mixed (the joint baseline)
+    data: str = "task"
 
 
 @dataclass
@@ -59,6 +61,13 @@ class TaskContext:
     train_batches: Callable[[int], Iterable[Batch]]
     generator: torch.Generator
     device: torch.device
+    # epoch -> this rank's batches drawn from tasks 0..t mixed together (the joint baseline)
+    seen_train_batches: Callable[[int], Iterable[Batch]] | None = None
+    # mean of a tensor over all data-parallel ranks (identity with one rank): statistics
+    # passes such as InfLoRA's Gram matrices must see the whole task, not one rank's share
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # steps per epoch of `fit` for the current task (schedules that depend on the iteration)
+    steps_per_epoch: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -104,7 +104,8 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                allocate_ranks: Callable = local_allocate_ranks,
                on_epoch: Callable | None = None,
                device: torch.device | str = "cpu",
-               staging_root: str | Path | None = None) -> dict:
+               staging_root: str | Path | None = None,
+               reduce_mean: Callable | None = None) -> dict:
     """Learn task `job.task_id`; returns its meta (and `staging_dir` on rank 0)."""
     start = time.perf_counter()
     cfg = job.cfg
@@ -132,17 +133,41 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                 break
             yield batch
 
+    def seen_batches(epoch: int):
+        # tasks 0..t mixed at sample level (in memory: meant for the joint upper bound on
+        # benchmark-sized streams), reshuffled every epoch, same step count on every rank
+        xs, ys = [], []
+        for s_ in range(t + 1):
+            for x, y in task_batches(manifest, s_, "train", bs, train_tf, shuffle=True,
+                                     seed=data_seed + s_, epoch=epoch, rank=rank,
+                                     world_size=world_size):
+                xs.append(x)
+                ys.append(y)
+        x_all, y_all = torch.cat(xs), torch.cat(ys)
+        g = torch.Generator().manual_seed(data_seed * 31 + epoch)
+        order = torch.randperm(len(y_all), generator=g)
+        seen_share = sum(manifest.tasks[s_].n_train for s_ in range(t + 1)) // world_size
+        for i in range(0, min(len(order), seen_share), bs):
+            idx = order[i:i + bs]
+            yield x_all[idx], y_all[idx]
+
     def fit(model_, request):
         def report(phase, epoch, n_epochs, loss_value, lr):
             if on_epoch is not None and rank == 0:
                 on_epoch(t, phase, epoch, n_epochs, loss_value, lr)
+        if request.data == "seen":
+            seen_share = sum(manifest.tasks[s_].n_train for s_ in range(t + 1)) // world_size
+            return loop.fit(model_, request, seen_batches, max(1, -(-seen_share // bs)),
+                            make_engine, device, report, task_id=t)
         return loop.fit(model_, request, batches, steps, make_engine, device, report, task_id=t)
 
     ctx = TaskContext(task_id=t, n_tasks=manifest.n_tasks,
                       classes_per_task=[len(x.classes) for x in manifest.tasks],
                       class_offsets=manifest.class_offsets(), fit=fit,
                       allocate_ranks=allocate_ranks, train_batches=batches,
-                      generator=task_generator(cfg.seed, t), device=device)
+                      generator=task_generator(cfg.seed, t), device=device,
+                      seen_train_batches=seen_batches,
+                      reduce_mean=reduce_mean or (lambda x: x), steps_per_epoch=steps)
     meta = method.learn_task(model, ctx)
     model.to("cpu")
     meta.update({"task_id": t, "classes": list(manifest.tasks[t].classes),

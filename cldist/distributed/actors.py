@@ -1,0 +1,138 @@
+"""Ray actors of a run: the coordinator (owns run state, fans SVDs out) and evaluators.
+
+Coordinator: wraps `cldist.coordinator.run_coordinator.RunCoordinator`. Task jobs call
+`allocate_ranks` with their task vectors; each layer's SVD runs as its own Ray task (one torch
+thread) so a 12-layer ViT allocates in parallel across the cluster. The SVD tasks reserve
+`cluster.svd_task_cpus` CPUs (default 0): the jobs asking for ranks hold their workers' CPUs
+while they wait, so on a cluster that concurrent jobs fill completely, SVD tasks that reserve
+a CPU would wait for those jobs forever. Give them 1 on clusters with CPU headroom.
+Finished tasks are committed through it, so `state.json` has exactly one writer.
+
+Evaluators: each holds the frozen backbone once plus the adapters of the sub-networks it was
+given (PEARL: shard by sub-network) or a share of the test sets (single-model methods).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import time
+
+import ray
+import torch
+
+from ..coordinator.run_coordinator import RunCoordinator, allocate_layer
+
+
+@ray.remote(num_cpus=0)
+def svd_layer_task(name: str, w_ref, w_task, params: dict):
+    torch.set_num_threads(1)  # one core per layer; the fan-out gives the parallelism
+    return allocate_layer(name, w_ref, w_task, params)
+
+
+@ray.remote(num_cpus=0, max_concurrency=16)
+class CoordinatorActor:
+    def __init__(self, run_dir: str, svd_task_cpus: float = 0.0, max_svd_in_flight: int = 2):
+        import threading
+        self.inner = RunCoordinator(run_dir)
+        self.events: list[dict] = []
+        self.svd = svd_layer_task.options(num_cpus=svd_task_cpus)
+        # bound the SVD tasks in flight across all concurrent requests: 0-CPU tasks are not
+        # limited by Ray's scheduler, and each one in flight needs a worker process
+        self.slots = threading.BoundedSemaphore(max(1, int(max_svd_in_flight)))
+
+    def allocate_ranks(self, task_vectors: dict, params: dict) -> dict:
+        results: dict = {}
+        in_flight: list = []
+
+        def collect(block: bool) -> None:
+            nonlocal in_flight
+            if not in_flight:
+                return
+            done, in_flight = ray.wait(in_flight, num_returns=1 if block else len(in_flight),
+                                       timeout=None if block else 0)
+            for ref in done:
+                name, decision = ray.get(ref)
+                results[name] = decision
+                self.slots.release()
+
+        for n, (w_ref, w_task) in task_vectors.items():
+            # never block holding slots while our own results could free them (two requests
+            # each holding a slot and waiting for another would deadlock)
+            while not self.slots.acquire(blocking=False):
+                if in_flight:
+                    collect(block=True)
+                else:
+                    time.sleep(0.02)
+            in_flight.append(self.svd.remote(n, w_ref, w_task, params))
+            collect(block=False)
+        while in_flight:
+            collect(block=True)
+        return results
+
+    def commit(self, task_id: int, staging: str, meta: dict) -> None:
+        self.inner.commit(task_id, staging, meta)
+
+    # progress events from the jobs' rank-0 workers, drained and printed by the driver
+    def post_event(self, event: dict) -> None:
+        self.events.append(event)
+
+    def drain_events(self) -> list[dict]:
+        out, self.events = self.events, []
+        return out
+
+    def set_rows(self, rows) -> None:
+        self.inner.set_rows(rows)
+
+    def set(self, key: str, value) -> None:
+        self.inner.set(key, value)
+
+    def snapshot(self) -> dict:
+        return self.inner.snapshot()
+
+
+class CoordinatorProxy:
+    """The driver's synchronous view of the coordinator actor (same methods as RunCoordinator)."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def allocate_ranks(self, task_vectors: dict, params: dict) -> dict:
+        return ray.get(self.actor.allocate_ranks.remote(task_vectors, params))
+
+    def commit(self, task_id: int, staging: str, meta: dict) -> None:
+        ray.get(self.actor.commit.remote(task_id, staging, meta))
+
+    def set_rows(self, rows) -> None:
+        ray.get(self.actor.set_rows.remote(rows))
+
+    def drain_events(self) -> list[dict]:
+        return ray.get(self.actor.drain_events.remote())
+
+    def set(self, key: str, value) -> None:
+        ray.get(self.actor.set.remote(key, value))
+
+    def snapshot(self) -> dict:
+        return ray.get(self.actor.snapshot.remote())
+
+
+# evaluators run beside training: they take no CPU reservation (scoring is short and
+# must not wait for a training job to free a core) and limit themselves to one thread
+@ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)
+class EvaluatorActor:
+    def __init__(self, config: dict, run_dir: str, threads: int = 1):
+        from ..config.schema import RunConfig
+        from ..eval.scoring import Scorer
+        torch.set_num_threads(threads)
+        self.cfg, self.run_dir = RunConfig.from_dict(config), run_dir
+        self.scorer = Scorer(self.cfg, run_dir)
+
+    def score_blocks(self, pairs: Sequence[tuple[int, int]]):
+        return self.scorer.score_blocks(pairs)
+
+    def score_single(self, upto_task: int, tests: Sequence[int]):
+        from ..eval.scoring import Scorer
+        # a single-model method's weights change every task: a fresh model per row
+        return Scorer(self.cfg, self.run_dir).score_single(upto_task, tests)
+
+    def test_labels(self, j: int):
+        return self.scorer.test_labels(j)
