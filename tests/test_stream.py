@@ -66,3 +66,36 @@ def test_pearl_ray_matches_inline(tmp_path, digits_dir, ray_cluster):
     # one worker, fp32, the same AdamW update and data order: the same model up to float noise
     for row_a, row_b in zip(inline["accuracy_matrix"], ray_metrics["accuracy_matrix"]):
         assert row_b == pytest.approx(row_a, abs=2.0)
+
+
+def test_resume_and_eval_reproduce_the_run(tmp_path, digits_dir, capsys):
+    """Crash after task 0 (task 1's files never committed) -> resume -> same matrix; eval too."""
+    import shutil
+
+    from cldist.cli import main
+    metrics, run_dir = _two_task(tmp_path, digits_dir, "inline", "full")
+    # simulate a driver killed mid-task 1: its commit never happened, a staging dir is left
+    state = json.loads((run_dir / "state.json").read_text())
+    state["completed_tasks"] = [0]
+    state["accuracy_matrix"] = state["accuracy_matrix"][:1]
+    state["status"] = "running"
+    (run_dir / "state.json").write_text(json.dumps(state))
+    shutil.move(str(run_dir / "tasks" / "001"), str(run_dir / "tasks" / ".staging-001-dead"))
+    (run_dir / "metrics.json").unlink()
+    assert main(["resume", str(run_dir)]) == 0
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert resumed["accuracy_matrix"] == metrics["accuracy_matrix"]  # bit-identical on CPU
+    _check_run(resumed, run_dir, 2)
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy_matrix"] == metrics["accuracy_matrix"]
+
+
+def test_resume_refuses_conflicting_override(tmp_path, capsys):
+    from cldist.cli import main
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    assert main(["resume", str(run_dir), "method.lr=0.1"]) == 2
+    assert "method.lr=0.1" in capsys.readouterr().err
