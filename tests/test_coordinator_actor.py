@@ -30,8 +30,8 @@ def test_concurrent_rank_requests_do_not_deadlock(tmp_path, ray_cluster):
     for th in threads:
         th.join(timeout=120)
     assert not any(th.is_alive() for th in threads), "rank requests deadlocked"
-    from cldist.coordinator.run_coordinator import RunCoordinator
-    local = RunCoordinator.allocate_ranks(None, vectors, params)
+    from cldist.coordinator.run_coordinator import allocate_ranks_locally
+    local = allocate_ranks_locally(vectors, params)
     for k in range(3):
         assert {n: d["rank"] for n, d in results[k].items()} == {n: d["rank"] for n, d in local.items()}
     ray.kill(actor)

@@ -26,6 +26,12 @@ def allocate_layer(name: str, w_ref, w_task, params: dict) -> tuple[str, dict]:
     return name, res.to_dict()
 
 
+def allocate_ranks_locally(task_vectors: dict, params: dict) -> dict:
+    """Every layer's rank decision, computed in this process, one layer after another."""
+    return dict(allocate_layer(n, w_ref, w_task, params)
+                for n, (w_ref, w_task) in task_vectors.items())
+
+
 class RunCoordinator:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
@@ -33,8 +39,7 @@ class RunCoordinator:
         self._lock = threading.Lock()
 
     def allocate_ranks(self, task_vectors: dict, params: dict) -> dict:
-        return dict(allocate_layer(n, w_ref, w_task, params)
-                    for n, (w_ref, w_task) in task_vectors.items())
+        return allocate_ranks_locally(task_vectors, params)
 
     def commit(self, task_id: int, staging: str, meta: dict) -> None:
         """Move a staged task into place, then record it (state.json is written last)."""

@@ -182,6 +182,7 @@ class RayRunner:
         return ray.get(self.evaluators[j % len(self.evaluators)].test_labels.remote(j))
 
     def close(self) -> None:
-        for actor in (self._evaluators or []):
+        """Stop this run's actors (the cluster itself stays up: it may be shared)."""
+        for actor in (self._evaluators or []) + [self._coordinator]:
             ray.kill(actor)
         self._evaluators = None

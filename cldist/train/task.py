@@ -12,7 +12,6 @@ coordinator actor fanning them out) and `on_epoch` (progress).
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,17 +21,17 @@ from typing import Callable
 import torch
 
 from ..config.schema import RunConfig, method_options, resolve_targets
-from ..coordinator.run_coordinator import RunCoordinator
+from ..coordinator.run_coordinator import allocate_ranks_locally
 from ..data.loader import make_transform, task_batches
 from ..data.manifest import Manifest
 from ..methods.base import ContinualMethod, TaskContext, get_method_class
 from ..models.backbone import BackboneSpec, build_backbone, default_normalization
 from ..models.continual import ContinualClassifier
 from ..models.inject import split_fused_qkv
-from . import loop
-from .engine import TorchStepEngine
 from ..coordinator.store import (load_reference, load_run_manifest, load_task_tensors,
                                  write_task_dir)
+from . import loop
+from .engine import TorchStepEngine
 
 
 @dataclass
@@ -90,18 +89,13 @@ def task_generator(seed: int, task_id: int, salt: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + task_id * 7919 + salt)
 
 
-def local_allocate_ranks(task_vectors: dict, params: dict) -> dict:
-    """Rank decisions computed in this process (no coordinator)."""
-    return RunCoordinator.allocate_ranks(None, task_vectors, params)  # type: ignore[arg-type]
-
-
 def torch_engine(module, params, lr, weight_decay, total_steps):
     return TorchStepEngine(module, params, lr, weight_decay, total_steps)
 
 
 def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                make_engine: Callable = torch_engine,
-               allocate_ranks: Callable = local_allocate_ranks,
+               allocate_ranks: Callable = allocate_ranks_locally,
                on_epoch: Callable | None = None,
                device: torch.device | str = "cpu",
                staging_root: str | Path | None = None,
@@ -186,9 +180,3 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
 
 def json_safe(meta: dict) -> dict:
     return json.loads(json.dumps(meta, default=float))
-
-
-def env_threads(n: int | None) -> None:
-    if n:
-        torch.set_num_threads(int(n))
-        os.environ["OMP_NUM_THREADS"] = str(n)
