@@ -72,6 +72,17 @@ def connect(address: str = "", num_cpus: int | None = None, num_gpus: int | None
         return info
     if not address and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]
+    if address == "auto" and not os.environ.get("RAY_ADDRESS"):
+        # Ray's "auto" would otherwise fall back to any gcs_server it finds in `ps` - on a
+        # shared machine, possibly someone else's cluster that accepts the same user's token
+        from ray._private.utils import read_ray_address
+        recorded = read_ray_address(None)  # written by `ray start` under Ray's temp dir
+        if not recorded:
+            raise ClusterConnectionError(
+                "cluster.address=auto: no `ray start` cluster is recorded on this machine; "
+                "give its HOST:PORT instead")
+        if recorded.rpartition(":")[0] in ("127.0.0.1", "localhost"):
+            _set_env(_LOOPBACK_ENV, "0")  # a loopback-bound cluster is only reachable there
     if address:
         if num_cpus is not None or num_gpus is not None:
             raise ValueError(f"connect({address!r}): num_cpus/num_gpus only size an embedded "

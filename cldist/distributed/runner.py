@@ -70,7 +70,14 @@ def task_worker(config: dict) -> None:
         meta = train_task(job, rank=rank, world_size=world_size, make_engine=make_engine,
                           allocate_ranks=allocate_ranks, on_epoch=on_epoch, device=device,
                           staging_root=tmp)
-        meta["node_id"] = ray.get_runtime_context().get_node_id()
+        # every rank's node, so a run can show that a job spanned nodes
+        node_id = ray.get_runtime_context().get_node_id()
+        node_ids = [node_id]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            node_ids = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(node_ids, node_id)
+        meta["node_id"], meta["node_ids"] = node_id, node_ids
         staging = meta.pop("staging_dir", None)
         metrics = {"meta_json": json.dumps(meta, default=float)}
         # every rank reports (a barrier in Train V2); rank 0's task files are the checkpoint,
@@ -100,7 +107,10 @@ class RayRunner:
         if self.cfg.trainer.max_concurrent_tasks:
             return int(self.cfg.trainer.max_concurrent_tasks)
         per_job = self.cfg.trainer.num_workers * self.cfg.trainer.cpus_per_worker
-        return max(1, int(self.info["cpus"] // max(per_job, 1e-9)))
+        n = int(self.info["cpus"] // max(per_job, 1e-9))
+        if self.cfg.trainer.use_gpu:
+            n = min(n, int(self.info["gpus"] // self.cfg.trainer.num_workers))
+        return max(1, n)
 
     def _run_job(self, job: TaskJob) -> dict:
         config = {"job": {"run_dir": str(self.run_dir), "config": job.config, "task_id": job.task_id},
