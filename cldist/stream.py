@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .config.compose import to_yaml
 from .config.schema import RunConfig
-from .coordinator.store import (clean_staging, load_run_manifest, save_run_manifest,
-                                write_json_atomic)
+from .atomic import write_json_atomic
+from .coordinator.store import clean_staging, load_run_manifest, save_run_manifest
 from .data.manifest import Manifest
 from .errors import UserError
 from .eval.metrics import summarize

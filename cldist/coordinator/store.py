@@ -17,39 +17,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import fsync_dir, write_json_atomic
 from ..errors import UserError
 
 STATE_FILE = "state.json"
 REFERENCE_FILE = "reference.safetensors"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_bytes_atomic(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def task_dir(run_dir, task_id: int) -> Path:
@@ -68,7 +45,7 @@ def write_task_dir(staging: Path, tensors: dict[str, dict[str, torch.Tensor]], m
     for f in staging.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(staging)
+    fsync_dir(staging)
 
 
 def commit_task(run_dir, task_id: int, staging: str | Path) -> Path:
@@ -83,9 +60,9 @@ def commit_task(run_dir, task_id: int, staging: str | Path) -> Path:
     ref = staging / REFERENCE_FILE
     if ref.exists():
         os.replace(ref, run_dir / REFERENCE_FILE)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     os.replace(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 

@@ -20,7 +20,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from cldist.data.manifest import MANIFEST_NAME, Manifest, TaskSpec, atomic_write_text
+from cldist.atomic import write_text_atomic
+from cldist.data.manifest import MANIFEST_NAME, Manifest, TaskSpec
 from cldist.data.shards import encode_png, write_task_shards
 from cldist.data.sources import SPLIT_SEED, SourceData, SplitData, load_source
 from cldist.errors import DataError
@@ -182,7 +183,7 @@ def _claim_output_dir(out: Path, spec: dict[str, Any]) -> None:
             raise DataError(f"--out {out} already holds a different dataset ({details}); "
                             f"choose another --out or delete {out} first")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / BUILD_MARKER, json.dumps(spec, indent=2) + "\n")
+    write_text_atomic(out / BUILD_MARKER, json.dumps(spec, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------ samples

@@ -18,11 +18,11 @@ import json
 import os
 import posixpath
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cldist.atomic import write_text_atomic
 from cldist.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -163,7 +163,7 @@ class Manifest:
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / MANIFEST_NAME
         text = json.dumps(self.to_dict(), indent=2) + "\n"
-        atomic_write_text(target, text)
+        write_text_atomic(target, text)
         return target
 
     @classmethod
@@ -193,41 +193,6 @@ class Manifest:
 
 
 # ---------------------------------------------------------------------- helpers
-def atomic_write_text(target: Path, text: str) -> None:
-    """Write `text` to `target` so readers see either the old or the new file, never half."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(target.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Persist a rename in `directory` (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _is_url(root: str) -> bool:
     return "://" in root or root.startswith("pipe:")
 

@@ -15,10 +15,7 @@ task: jobs read their inputs from the run directory and return file paths.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
-import threading
-import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path

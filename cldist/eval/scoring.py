@@ -22,7 +22,6 @@ import torch
 from ..config.schema import RunConfig
 from ..coordinator.store import load_run_manifest, load_task_tensors
 from ..data.loader import load_task_tensors as load_test_tensors
-from ..data.manifest import Manifest
 from ..models.continual import ContinualClassifier
 from ..train.task import build_model, make_method, transforms
 

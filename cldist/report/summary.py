@@ -7,12 +7,10 @@ params_per_task, wall_seconds, accuracy_matrix); a missing key shows as "-".
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from ..atomic import write_json_atomic  # noqa: F401  (re-exported by cldist.report)
 
 SUMMARY_COLUMNS = ["method", "n_tasks", "Acc", "AAA", "forgetting", "BWT", "params/task",
                    "wall time"]
@@ -20,57 +18,6 @@ MISSING = "-"
 
 
 # --------------------------------------------------------------------------- JSON
-
-def _json_default(value: Any):
-    # numpy scalars/arrays and torch tensors turn up in metrics; store them as plain numbers.
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    raise TypeError(f"object of type {type(value).__name__} is not JSON serialisable")
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as JSON to `path` so that readers see either the old or the new file.
-
-    Writes a temporary file in the same directory, fsyncs it, renames it over `path` (atomic
-    on POSIX) and fsyncs the directory so the rename survives a crash. Returns the path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            json.dump(obj, tmp, indent=2, default=_json_default)
-            tmp.write("\n")
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Directory fsync is what makes the rename durable; not every platform/filesystem allows it.
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
 
 # --------------------------------------------------------------------------- formatting helpers
 
