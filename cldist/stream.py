@@ -217,13 +217,15 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
     write_json_atomic(run_dir / "metrics.json", metrics)
     coordinator.set("status", "finished")
     tb.log_hparams(_flat_hparams(cfg), {k: metrics[k] for k in ("acc", "aaa", "forgetting", "bwt")})
-    tb.close()
     runner.close()
     print(format_summary_table(metrics), flush=True)
     if cfg.report:
         from .report.report import write_report
         path = write_report(run_dir)
+        for png in sorted((run_dir / "plots").glob("*.png")):  # the figures in TensorBoard too
+            tb.log_figure(f"report/{png.stem}", png, n - 1)
         print(f"report: {path}", flush=True)
+    tb.close()
     print(f"run directory: {run_dir}", flush=True)
     return metrics
 

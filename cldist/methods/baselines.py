@@ -1,18 +1,78 @@
-"""Baselines every comparison needs.
+"""Baselines every comparison needs, and small helpers the LoRA methods share.
 
 seq_ft: full fine-tuning task after task with a growing head (one linear head per task,
 concatenated). The lower bound: nothing protects old tasks, so they are overwritten.
+
+seq_lora: ONE fixed-rank LoRA (rank 8 on q and v) trained continually across all tasks, with a
+growing head; no isolation, so later tasks overwrite what earlier ones learned in the adapter.
+
+joint: the upper bound - at task t, train on the data of tasks 0..t mixed, over all seen classes.
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..models.continual import ContinualClassifier, freeze, task_key
+from ..models.inject import inject_lora, match_modules
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
+
+
+# -- helpers shared by the LoRA methods -------------------------------------------------------
+def head_state(model: ContinualClassifier, key: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous() for k, v in model.heads[key].state_dict().items()}
+
+
+def load_head(model: ContinualClassifier, key: str, state: dict[str, torch.Tensor]) -> None:
+    if key not in model.heads:
+        head = model.add_head(key, state["weight"].shape[0])
+        ref = next(model.backbone.parameters())
+        head.to(ref.device)
+    model.heads[key].load_state_dict(state)
+
+
+def _keep_eval(module: nn.Module, args) -> None:
+    module.training = False
+
+
+def freeze_batchnorm_stats(model: nn.Module) -> int:
+    """Make every BatchNorm use (and never update) its running statistics, in train mode too.
+
+    The adapter methods keep the backbone outside their adapters frozen; on a CNN that includes
+    the BatchNorm statistics, which train-mode forwards would otherwise drift towards each new
+    task (changing old tasks' features and making a task's saved state insufficient to rebuild
+    the model). Returns how many norms were frozen."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.register_forward_pre_hook(_keep_eval)
+            count += 1
+    return count
+
+
+def block_index(name: str) -> int | None:
+    """The block a module belongs to: the first integer component of its name."""
+    for part in name.split("."):
+        if re.fullmatch(r"\d+", part):
+            return int(part)
+    return None
+
+
+def restrict_to_blocks(model: nn.Module, patterns: Sequence[str], blocks: int | None) -> list[str]:
+    """`patterns`, or - with `blocks` set - the matching module names in blocks 0..blocks-1
+    (InfLoRA-b5 style); the block of a module is the first integer in its name."""
+    if not blocks:
+        return list(patterns)
+    names = [n for n in match_modules(model, patterns)
+             if block_index(n) is not None and block_index(n) < int(blocks)]
+    if not names:
+        raise ValueError(f"method.blocks={blocks}: no target of {list(patterns)} lies in the first "
+                         f"{blocks} blocks")
+    return names
 
 
 @register_method
@@ -49,6 +109,141 @@ class SeqFT(ContinualMethod):
         if key not in model.heads:
             model.add_head(key, state["head"]["weight"].shape[0])
         model.heads[key].load_state_dict(state["head"])
+        freeze(model)
+
+    def params_added(self, model: ContinualClassifier, task_id: int) -> int:
+        return int(sum(p.numel() for p in model.heads[task_key(task_id)].parameters()))
+
+    def activate_model(self, model: ContinualClassifier, upto_task: int) -> None:
+        model.activate([], [task_key(i) for i in range(upto_task + 1)])
+
+
+@register_method
+class SeqLoRA(ContinualMethod):
+    """One LoRA (rank `rank`, scaling 1, A Kaiming, B zero; created at task 0) on the target roles
+    (q, v), trained task after task together with that task's head; old heads frozen; loss on the
+    current task's logits. The state after task t holds the adapter as it is after task t.
+    CNN BatchNorm statistics stay frozen, as in the other adapter methods."""
+
+    name = "seq_lora"
+    prediction = "single"
+    graph = "chain"
+    adapter = "lora"
+
+    def build(self, backbone: nn.Module, feature_dim: int,
+              classes_per_task: Sequence[int]) -> ContinualClassifier:
+        model = ContinualClassifier(backbone, feature_dim)
+        inject_lora(model.backbone, restrict_to_blocks(model.backbone, self.target_patterns,
+                                                       self.cfg.get("blocks")))
+        freeze_batchnorm_stats(model)
+        freeze(model)
+        return model
+
+    def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
+        key = task_key(ctx.task_id)
+        layers = model.lora_layers()
+        for layer in layers.values():
+            if self.adapter not in layer.lora_A:
+                layer.add_adapter(self.adapter, min(int(self.cfg.get("rank", 8)), layer.max_rank()),
+                                  scaling=1.0, generator=ctx.generator)
+        model.add_head(key, ctx.n_classes, ctx.generator)
+        model.to(ctx.device)
+        model.activate([self.adapter], [key])
+        freeze(model)
+        params = [p for layer in layers.values()
+                  for p in (layer.lora_A[self.adapter], layer.lora_B[self.adapter])]
+        params += list(model.heads[key].parameters())
+        fit = ctx.fit(model, FitRequest("seq_lora", trainable(params), int(self.cfg["epochs"]),
+                                        float(self.cfg["lr"]), current_task_loss(ctx.offset),
+                                        weight_decay=float(self.cfg.get("weight_decay", 0.0))))
+        freeze(model)
+        return {"fits": [fit]}
+
+    def task_state(self, model: ContinualClassifier, task_id: int):
+        adapter = {}
+        for n, layer in model.lora_layers().items():
+            adapter[f"{n}.lora_A"] = layer.lora_A[self.adapter].detach().contiguous()
+            adapter[f"{n}.lora_B"] = layer.lora_B[self.adapter].detach().contiguous()
+        return {"adapter": adapter, "head": head_state(model, task_key(task_id))}
+
+    def load_task_state(self, model: ContinualClassifier, task_id: int, state) -> None:
+        for n, layer in model.lora_layers().items():
+            A, B = state["adapter"][f"{n}.lora_A"], state["adapter"][f"{n}.lora_B"]
+            if self.adapter not in layer.lora_A:
+                layer.add_adapter(self.adapter, A.shape[0])
+            layer.set_adapter_weights(self.adapter, B, A)
+        load_head(model, task_key(task_id), state["head"])
+        freeze(model)
+
+    def params_added(self, model: ContinualClassifier, task_id: int) -> int:
+        n = sum(p.numel() for p in model.heads[task_key(task_id)].parameters())
+        if task_id == 0:  # the one adapter is created by the first task
+            n += sum(p.numel() for layer in model.lora_layers().values()
+                     for p in (layer.lora_A[self.adapter], layer.lora_B[self.adapter]))
+        return int(n)
+
+    def activate_model(self, model: ContinualClassifier, upto_task: int) -> None:
+        model.activate([self.adapter], [task_key(i) for i in range(upto_task + 1)])
+
+
+def seen_classes_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the logits of every seen class (heads 0..t concatenated in task order,
+    so column j is stream label j)."""
+    return nn.functional.cross_entropy(logits, labels)
+
+
+@register_method
+class Joint(ContinualMethod):
+    """The upper bound. At task t: start from the INITIAL backbone (pre-trained or the run's
+    random init) and fresh heads 0..t, and fine-tune everything on the data of tasks 0..t mixed
+    together (`FitRequest(data="seen")`), cross-entropy over all seen classes' logits.
+
+    Choice: re-training from the initial backbone at every task (rather than continuing from the
+    model after task t-1) makes row t of the accuracy matrix the accuracy of joint training on
+    tasks 0..t, independent of the task order and of how many epochs earlier tasks added. The
+    graph stays "chain" (tasks run in order) but a task loads no earlier state: its own state
+    holds the whole backbone and every head 0..t."""
+
+    name = "joint"
+    prediction = "single"
+    graph = "chain"
+
+    def state_dependencies(self, task_id: int) -> list[int]:
+        return []
+
+    def build(self, backbone: nn.Module, feature_dim: int,
+              classes_per_task: Sequence[int]) -> ContinualClassifier:
+        model = ContinualClassifier(backbone, feature_dim)
+        freeze(model)
+        return model
+
+    def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
+        keys = [task_key(i) for i in range(ctx.task_id + 1)]
+        for i, key in enumerate(keys):
+            model.add_head(key, ctx.classes_per_task[i], ctx.generator)
+        model.to(ctx.device)
+        model.activate([], keys)
+        freeze(model)
+        params = list(model.backbone.parameters())
+        params += [p for key in keys for p in model.heads[key].parameters()]
+        fit = ctx.fit(model, FitRequest("joint", trainable(params), int(self.cfg["epochs"]),
+                                        float(self.cfg["lr"]), seen_classes_loss,
+                                        weight_decay=float(self.cfg.get("weight_decay", 0.0)),
+                                        data="seen"))
+        freeze(model)
+        return {"fits": [fit]}
+
+    def task_state(self, model: ContinualClassifier, task_id: int):
+        heads = {f"{key}.{k}": v for key in model.heads for k, v in head_state(model, key).items()}
+        return {"backbone": {k: v.detach().contiguous()
+                             for k, v in model.backbone.state_dict().items()},
+                "heads": heads}
+
+    def load_task_state(self, model: ContinualClassifier, task_id: int, state) -> None:
+        model.backbone.load_state_dict(state["backbone"])
+        for key in sorted({k.split(".", 1)[0] for k in state["heads"]}):
+            load_head(model, key, {k.split(".", 1)[1]: v for k, v in state["heads"].items()
+                                   if k.split(".", 1)[0] == key})
         freeze(model)
 
     def params_added(self, model: ContinualClassifier, task_id: int) -> int:

@@ -32,8 +32,8 @@ class ContinualClassifier(nn.Module):
     # -- structure -------------------------------------------------------------------------
     def add_head(self, key: str, n_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
         head = nn.Linear(self.feature_dim, n_classes)
-        reset_linear(head, generator)
-        self.heads[key] = head
+        reset_linear(head, generator)  # drawn on the CPU generator, then moved beside the model
+        self.heads[key] = head.to(next(self.backbone.parameters()).device)
         return head
 
     def lora_layers(self):

@@ -8,13 +8,21 @@ the set `active` of adapter names switched on, a Linear layer computes
 and a Conv2d layer convolves with W + sum_a s_a * reshape(B_a A_a, W.shape), the LoRA of the
 kernel reshaped to (out, in/groups * kh * kw). `s_a` is the branch's scaling (alpha / r, or 1).
 
+Two optional per-branch extras (absent unless a method adds them; without them a branch computes
+exactly the above):
+- a gate `w_a` (one weight per rank component, `add_gate`): the branch becomes B_a diag(w_a) A_a
+  (CoDyRA's rank-selective LoRA);
+- a coefficient `c_a` (`set_coefficient`, a callable returning a scalar tensor or float, evaluated
+  at every forward): the branch is multiplied by c_a (SD-LoRA's trainable magnitude divided by the
+  frozen direction's norm).
+
 Per-task batch-norm (`TaskBatchNorm2d`) follows the same keying: PEARL's CNN sub-networks each
 own their norm layers. Only one norm branch can be active; with none active the base norm runs.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +46,9 @@ class LoRALayer(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
         self.active: tuple[str, ...] = ()
+        # optional extras (see the module docstring): per-component gates, dynamic coefficients
+        self.lora_w = nn.ParameterDict()
+        self.coefficients: dict[str, Callable[[], torch.Tensor | float]] = {}
 
     @property
     def weight(self) -> torch.Tensor:
@@ -84,8 +95,42 @@ class LoRALayer(nn.Module):
     def remove_adapter(self, name: str) -> None:
         del self.lora_A[name]
         del self.lora_B[name]
+        if name in self.lora_w:
+            del self.lora_w[name]
+        self.coefficients.pop(name, None)
         self.scaling.pop(name, None)
         self.active = tuple(a for a in self.active if a != name)
+
+    # -- optional extras -------------------------------------------------------------------
+    def add_gate(self, name: str, values: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        """Give branch `name` a per-component gate w (B diag(w) A); default w ~ N(0, 1)."""
+        if name not in self.lora_A:
+            raise KeyError(f"no adapter {name!r} on this layer")
+        A = self.lora_A[name]
+        w = torch.empty(A.shape[0], dtype=A.dtype, device=A.device)
+        if values is None:
+            w.normal_(0.0, 1.0, generator=generator)
+        else:
+            w.copy_(values)
+        self.lora_w[name] = nn.Parameter(w)
+
+    def set_coefficient(self, name: str, fn: Callable[[], torch.Tensor | float] | None) -> None:
+        """Multiply branch `name` by fn() at every forward (None removes the coefficient)."""
+        if fn is None:
+            self.coefficients.pop(name, None)
+        else:
+            self.coefficients[name] = fn
+
+    def _gated_B(self, name: str) -> torch.Tensor:
+        """B diag(w) (just B without a gate)."""
+        B = self.lora_B[name]
+        return B * self.lora_w[name] if name in self.lora_w else B
+
+    def _factor(self, name: str):
+        """s * c for branch `name` (c = 1 without a coefficient)."""
+        fn = self.coefficients.get(name)
+        return self.scaling[name] if fn is None else self.scaling[name] * fn()
 
     def adapters(self) -> list[str]:
         return list(self.lora_A.keys())
@@ -94,8 +139,10 @@ class LoRALayer(nn.Module):
         return int(self.lora_A[name].shape[0])
 
     def delta_matrix(self, name: str) -> torch.Tensor:
-        """s * B A as an (out, fan_in) matrix."""
-        return self.scaling[name] * (self.lora_B[name] @ self.lora_A[name])
+        """s * B A as an (out, fan_in) matrix (s * c * B diag(w) A with the optional extras)."""
+        if name not in self.lora_w and name not in self.coefficients:
+            return self.scaling[name] * (self.lora_B[name] @ self.lora_A[name])
+        return self._factor(name) * (self._gated_B(name) @ self.lora_A[name])
 
     def delta_weight(self, names: Iterable[str]) -> torch.Tensor:
         """The summed update of `names`, shaped like the base weight."""
@@ -121,9 +168,15 @@ class LoRALinear(LoRALayer):
         y = self.base(x)
         for name in self.active:
             if name in self.lora_A:
-                # low-rank path: never materialise B A for a Linear
-                y = y + self.scaling[name] * F.linear(F.linear(x, self.lora_A[name]),
-                                                      self.lora_B[name])
+                if name not in self.lora_w and name not in self.coefficients:
+                    # low-rank path: never materialise B A for a Linear
+                    y = y + self.scaling[name] * F.linear(F.linear(x, self.lora_A[name]),
+                                                          self.lora_B[name])
+                    continue
+                h = F.linear(x, self.lora_A[name])
+                if name in self.lora_w:
+                    h = h * self.lora_w[name]
+                y = y + self._factor(name) * F.linear(h, self.lora_B[name])
         return y
 
 

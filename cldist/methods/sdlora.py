@@ -1,0 +1,283 @@
+"""SD-LoRA: scalable decoupled LoRA (ICLR 2025), with its -RR and -KD variants.
+
+LoRA on the q and v projections (roles; any Linear or Conv2d target works), rank 10, A
+Kaiming-uniform, B zero, scaling 1. While learning task t every target layer l computes
+
+    W_l x + sum_{i<t} alpha_i * D_{l,i} x + alpha_t * B_{l,t} A_{l,t} x
+
+- D_{l,i} = B_{l,i} A_{l,i} / n_{l,i} is task i's frozen direction. `variant: paper`:
+  n = ||B A||_F (a unit-norm direction); `variant: official` (the authors' code):
+  n = ||B||_F ||A||_F. B_{l,i}, A_{l,i} never change after task i.
+- The current task's product B_t A_t is NOT normalised (both variants): normalising it is 0/0 at
+  its B = 0 initialisation. It becomes the frozen direction D_t when task t+1 starts, so the model
+  *after* task t (what is evaluated and saved) uses alpha_t B_t A_t.
+- alpha_i: ONE trainable scalar per task, shared by every layer and both projections
+  (`model.sd_magnitudes`). At task t all alphas 0..t train (old magnitudes keep their learned
+  values and are rescaled freely; old directions do not move). New magnitudes start at
+  `magnitude_init` (default 1.0, the paper's "all initialised to ones"); `variant: official`
+  re-creates ALL magnitudes at 0.8 at the start of every task, as the authors' code does.
+- Trainable at task t: A_t, B_t of every target layer, alpha_0..alpha_t, and head t. One linear
+  head per task (old heads frozen); loss on the current task's logits (labels - offset).
+- Optimiser: the trainer's AdamW with a cosine schedule. The paper text says Adam; the official
+  code uses SGD (momentum 0.9, lr 1e-2) - neither is reproduced exactly.
+- Prediction: one forward pass of the final model (all directions, all heads), argmax.
+
+SD-LoRA-RR (`sdlora_rr`): the rank of task t's LoRA follows `rank_schedule` (default 10 for
+tasks 0-3, 8 for 4-7, 6 from task 8 on; the last entry repeats).
+
+SD-LoRA-KD (`sdlora_kd`): after task t > 0, for every layer l the new normalised direction
+d = B_t A_t / ||B_t A_t||_F is least-squares fitted onto the old directions,
+beta_l = argmin ||d - sum_i beta_{l,i} D_{l,i}||_F^2, with residual rho_l = ||d - D beta_l||_F^2
+(the squared residual of a unit-norm target, in [0, 1]). The magnitudes are shared across layers
+but the fits are per layer, so the absorption is resolved as follows:
+- the decision is per TASK: the new LoRA is absorbed only if EVERY layer's residual is below
+  `kd_threshold` (9e-4), because alpha_t and the direction set are shared by all layers;
+  otherwise it is kept as an ordinary new direction;
+- when absorbed, layer l's new contribution alpha_t B_t A_t = alpha_t ||B_t A_t|| d is moved onto
+  the old directions by adding alpha_t ||B_{l,t} A_{l,t}||_F beta_{l,i} to the magnitude of
+  D_{l,i} *in that layer*: each layer keeps an additive, frozen per-layer correction
+  o_{l,i} and uses (alpha_i + o_{l,i}) D_{l,i}. The shared alpha_i keeps training exactly as
+  before (same gradient); the corrections are the per-layer part of "add the coefficients to the
+  old magnitudes", which a single shared scalar cannot hold. B_t, A_t and alpha_t are dropped, so
+  the parameter count stops growing.
+
+BatchNorm (CNN backbones): running statistics stay frozen like the rest of the backbone
+(`freeze_batchnorm_stats`): otherwise train-mode forwards would drift them to every new task.
+
+State after task t (`tasks/TTT/`): adapter (A_t, B_t unless absorbed), magnitudes (alpha_i of
+every task with a direction, as after task t), offsets (every o_{l,i}), head t. Loading tasks
+0..t in order rebuilds the model after task t.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..models.continual import ContinualClassifier, freeze, task_key
+from ..models.inject import inject_lora
+from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
+                   register_method, trainable)
+from .baselines import freeze_batchnorm_stats, head_state, load_head, restrict_to_blocks
+
+OFFICIAL_MAGNITUDE = 0.8
+
+
+class _Coefficient:
+    """c_{l,i}: alpha_i (current task) or (alpha_i + o_{l,i}) / n_{l,i} (a frozen direction)."""
+
+    def __init__(self, method: "SDLoRA", model: ContinualClassifier, layer, key: str):
+        self.method, self.model, self.layer, self.key = method, model, layer, key
+
+    def __call__(self):
+        alpha = self.model.sd_magnitudes[self.key]
+        if self.key == self.model.sd_current:
+            return alpha
+        offset = self.layer.sd_offsets.get(self.key, 0.0)
+        return (alpha + offset) / self.method.direction_norm(self.layer, self.key)
+
+
+@register_method
+class SDLoRA(ContinualMethod):
+    name = "sdlora"
+    prediction = "single"
+    graph = "chain"
+    distill = False  # SD-LoRA-KD
+
+    @property
+    def official(self) -> bool:
+        return self.cfg.get("variant", "paper") == "official"
+
+    def rank_for(self, task_id: int) -> int:
+        schedule = list(self.cfg.get("rank_schedule") or [])
+        if schedule:
+            return int(schedule[min(task_id, len(schedule) - 1)])
+        return int(self.cfg.get("rank", 10))
+
+    def magnitude_init(self) -> float:
+        value = self.cfg.get("magnitude_init")
+        if value is not None:
+            return float(value)
+        return OFFICIAL_MAGNITUDE if self.official else 1.0
+
+    # -- model -----------------------------------------------------------------------------
+    def build(self, backbone: nn.Module, feature_dim: int,
+              classes_per_task: Sequence[int]) -> ContinualClassifier:
+        model = ContinualClassifier(backbone, feature_dim)
+        inject_lora(model.backbone, restrict_to_blocks(model.backbone, self.target_patterns,
+                                                       self.cfg.get("blocks")))
+        model.sd_magnitudes = nn.ParameterDict()
+        model.sd_current = None  # the task whose B A is used unnormalised
+        for layer in model.lora_layers().values():
+            layer.sd_offsets = {}
+        freeze_batchnorm_stats(model)  # CNNs: frozen backbone statistics too
+        freeze(model)
+        return model
+
+    @torch.no_grad()
+    def direction_norm(self, layer, key: str) -> torch.Tensor:
+        """n_{l,i}: ||B A||_F (paper) or ||B||_F ||A||_F (official); 1 for an all-zero branch."""
+        A, B = layer.lora_A[key], layer.lora_B[key]
+        with torch.autocast(device_type=A.device.type, enabled=False):  # full precision
+            A, B = A.float(), B.float()
+            n = torch.linalg.norm(B) * torch.linalg.norm(A) if self.official else \
+                torch.linalg.norm(B @ A)
+        n = torch.where(n > 0, n, torch.ones_like(n))
+        return n.to(layer.lora_A[key].dtype)
+
+    def direction(self, layer, key: str) -> torch.Tensor:
+        """D_{l,i} flattened (frozen direction of task `key` in `layer`)."""
+        with torch.no_grad():
+            return (layer.lora_B[key] @ layer.lora_A[key]).flatten() / self.direction_norm(layer, key)
+
+    def _wire(self, model: ContinualClassifier, current: str | None) -> list[str]:
+        """Attach the coefficients; returns the task keys that own a direction, in order."""
+        model.sd_current = current
+        keys = sorted(model.sd_magnitudes.keys())
+        for layer in model.lora_layers().values():
+            for key in layer.adapters():
+                layer.set_coefficient(key, _Coefficient(self, model, layer, key))
+        return keys
+
+    def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
+        t, key = ctx.task_id, task_key(ctx.task_id)
+        init = self.magnitude_init()
+        with torch.no_grad():
+            if self.official:  # the authors' code re-creates every magnitude at 0.8 each task
+                for p in model.sd_magnitudes.values():
+                    p.fill_(OFFICIAL_MAGNITUDE)
+        rank = self.rank_for(t)
+        layers = model.lora_layers()
+        for layer in layers.values():
+            layer.add_adapter(key, min(rank, layer.max_rank()), scaling=1.0, generator=ctx.generator)
+        ref = next(iter(layers.values())).weight
+        model.sd_magnitudes[key] = nn.Parameter(torch.full((1,), init, dtype=ref.dtype,
+                                                           device=ref.device))
+        keys = self._wire(model, current=key)
+        model.add_head(key, ctx.n_classes, ctx.generator)
+        model.to(ctx.device)
+        model.activate(keys, [key])  # every direction on; current task's logits only
+        freeze(model)
+        params = [p for layer in layers.values() for p in (layer.lora_A[key], layer.lora_B[key])]
+        params += list(model.sd_magnitudes.values()) + list(model.heads[key].parameters())
+        fit = ctx.fit(model, FitRequest("sdlora", trainable(params), int(self.cfg["epochs"]),
+                                        float(self.cfg["lr"]), current_task_loss(ctx.offset),
+                                        weight_decay=float(self.cfg.get("weight_decay", 0.0))))
+        freeze(model)
+        meta = {"fits": [fit], "rank": rank}
+        if self.distill and t > 0 and len(keys) > 1:
+            meta["kd"] = self._distill(model, key)
+        meta["magnitudes"] = {k: float(v) for k, v in model.sd_magnitudes.items()}
+        meta["directions"] = sorted(model.sd_magnitudes.keys())
+        self.activate_model(model, t)
+        return meta
+
+    # -- SD-LoRA-KD ------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_new_direction(self, layer, key: str, old: list[str]) -> tuple[torch.Tensor, float, float]:
+        """(beta, residual, ||B_t A_t||_F) of the least-squares fit of the new direction."""
+        new = (layer.lora_B[key] @ layer.lora_A[key]).flatten().double()
+        norm = float(torch.linalg.norm(new))
+        if norm == 0.0:
+            return torch.zeros(len(old), dtype=torch.float64), 0.0, 0.0
+        d = new / norm
+        d = d.cpu()
+        D = torch.stack([self.direction(layer, k).double().cpu() for k in old], dim=1)  # numel x k
+        beta = torch.linalg.lstsq(D, d.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        residual = float(torch.sum((d - D @ beta) ** 2))
+        return beta, residual, norm
+
+    @torch.no_grad()
+    def _distill(self, model: ContinualClassifier, key: str) -> dict:
+        old = [k for k in sorted(model.sd_magnitudes.keys()) if k != key]
+        layers = model.lora_layers()
+        threshold = float(self.cfg.get("kd_threshold", 9e-4))
+        fits = {n: self.fit_new_direction(layer, key, old) for n, layer in layers.items()}
+        residuals = {n: f[1] for n, f in fits.items()}
+        absorb = all(r < threshold for r in residuals.values())
+        if absorb:
+            alpha_t = float(model.sd_magnitudes[key])
+            for n, layer in layers.items():
+                beta, _, norm = fits[n]
+                for k, b in zip(old, beta.tolist()):
+                    layer.sd_offsets[k] = layer.sd_offsets.get(k, 0.0) + alpha_t * norm * b
+                layer.remove_adapter(key)
+            del model.sd_magnitudes[key]
+        return {"absorbed": absorb, "max_residual": max(residuals.values()),
+                "residuals": residuals, "threshold": threshold}
+
+    # -- state -----------------------------------------------------------------------------
+    def task_state(self, model: ContinualClassifier, task_id: int):
+        key = task_key(task_id)
+        adapter: dict[str, torch.Tensor] = {}
+        offsets: dict[str, torch.Tensor] = {}
+        for n, layer in model.lora_layers().items():
+            if key in layer.lora_A:
+                adapter[f"{n}.lora_A"] = layer.lora_A[key].detach().contiguous()
+                adapter[f"{n}.lora_B"] = layer.lora_B[key].detach().contiguous()
+            for k, v in layer.sd_offsets.items():
+                offsets[f"{n}|{k}"] = torch.tensor(float(v))
+        magnitudes = {k: v.detach().reshape(1).clone() for k, v in model.sd_magnitudes.items()}
+        return {"adapter": adapter, "magnitudes": magnitudes, "offsets": offsets,
+                "head": head_state(model, key)}
+
+    def load_task_state(self, model: ContinualClassifier, task_id: int, state) -> None:
+        key = task_key(task_id)
+        adapter = state.get("adapter", {})
+        layers = model.lora_layers()
+        for n, layer in layers.items():
+            if f"{n}.lora_A" in adapter:
+                A, B = adapter[f"{n}.lora_A"], adapter[f"{n}.lora_B"]
+                if key not in layer.lora_A:
+                    layer.add_adapter(key, A.shape[0])
+                layer.set_adapter_weights(key, B, A)
+        ref = next(iter(layers.values())).weight
+        for k, v in state.get("magnitudes", {}).items():  # magnitudes as after task `task_id`
+            if k in model.sd_magnitudes:
+                with torch.no_grad():
+                    model.sd_magnitudes[k].copy_(v)
+            else:
+                model.sd_magnitudes[k] = nn.Parameter(v.reshape(1).to(ref.device, ref.dtype).clone())
+        for layer in layers.values():
+            layer.sd_offsets = {}
+        for name, v in state.get("offsets", {}).items():
+            n, k = name.rsplit("|", 1)
+            layers[n].sd_offsets[k] = float(v)
+        load_head(model, key, state["head"])
+        self._wire(model, current=key if key in model.sd_magnitudes else None)
+        freeze(model)
+
+    def params_added(self, model: ContinualClassifier, task_id: int) -> int:
+        key = task_key(task_id)
+        n = sum(p.numel() for layer in model.lora_layers().values() if key in layer.lora_A
+                for p in (layer.lora_A[key], layer.lora_B[key]))
+        n += 1 if key in model.sd_magnitudes else 0
+        return int(n + sum(p.numel() for p in model.heads[key].parameters()))
+
+    # -- prediction ------------------------------------------------------------------------
+    def activate_model(self, model: ContinualClassifier, upto_task: int) -> None:
+        """The model after `upto_task` (it must hold exactly tasks 0..upto_task, as loaded)."""
+        key = task_key(upto_task)
+        keys = self._wire(model, current=key if key in model.sd_magnitudes else None)
+        model.activate([k for k in keys if int(k[1:]) <= upto_task],
+                       [task_key(i) for i in range(upto_task + 1)])
+
+
+@register_method
+class SDLoRARR(SDLoRA):
+    """SD-LoRA-RR: rank reduction over time (`rank_schedule`, default 10/8/6)."""
+
+    name = "sdlora_rr"
+
+    def rank_for(self, task_id: int) -> int:
+        schedule = list(self.cfg.get("rank_schedule") or []) or [10, 10, 10, 10, 8, 8, 8, 8, 6]
+        return int(schedule[min(task_id, len(schedule) - 1)])
+
+
+@register_method
+class SDLoRAKD(SDLoRA):
+    """SD-LoRA-KD: absorb a new direction that the old ones already span (see module docstring)."""
+
+    name = "sdlora_kd"
+    distill = True

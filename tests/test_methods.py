@@ -1,0 +1,585 @@
+"""Every registered method through the same checks, plus one mechanism test per method.
+
+Everything runs in-process on timm's tiny `test_vit` (16 px, 6 blocks, width 64) with small
+random tensors: a task context whose `fit` is the real `cldist.train.loop.fit` driven by an
+AdamW engine that also checks, at every step, that exactly the requested parameters get
+gradients. Tasks run like the task jobs do: a fresh model per task, the reference and the
+earlier tasks' saved state (through safetensors bytes) loaded into it, then `learn_task`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from timm.layers import Conv2dSame
+from torch import nn
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from cldist.config.schema import (BackboneConfig, MethodConfig, RunConfig, method_options,
+                                  resolve_targets, validate)
+from cldist.errors import ConfigError
+from cldist.methods import load_all  # noqa: F401  - registers every method
+from cldist.methods.base import METHODS, TaskContext
+from cldist.methods.codyra import ADAPTER as CODYRA_ADAPTER
+from cldist.methods.inflora import layer_tokens
+from cldist.models.backbone import BackboneSpec, build_backbone
+from cldist.models.continual import task_key
+from cldist.models.inject import split_fused_qkv
+from cldist.models.lora import LoRAConv2d
+from cldist.train import loop
+from cldist.train.engine import TorchStepEngine
+from cldist.coordinator.run_coordinator import allocate_ranks_locally
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TASKS, CLASSES, PER_CLASS, BATCH, SIZE = 3, 2, 8, 8, 16
+CPU = torch.device("cpu")
+
+
+# -- data ------------------------------------------------------------------------------------
+def make_data(seed: int = 0):
+    """N_TASKS tasks of CLASSES classes: a random template per class plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randn(N_TASKS * CLASSES, 3, SIZE, SIZE, generator=g)
+
+    def sample(label, n):
+        return templates[label] + 0.5 * torch.randn(n, 3, SIZE, SIZE, generator=g)
+
+    train, test = [], []
+    for t in range(N_TASKS):
+        labels = [t * CLASSES + c for c in range(CLASSES)]
+        x = torch.cat([sample(lab, PER_CLASS) for lab in labels])
+        y = torch.tensor([lab for lab in labels for _ in range(PER_CLASS)])
+        perm = torch.randperm(len(y), generator=g)
+        train.append((x[perm], y[perm]))
+        test.append(torch.cat([sample(lab, 4) for lab in labels]))
+    return train, test
+
+
+TRAIN, TEST = make_data()
+EVAL_X = torch.cat(TEST)
+
+
+# -- method, model, context ------------------------------------------------------------------
+def method_config(name: str, **overrides) -> RunConfig:
+    path = ROOT / "configs" / "method" / f"{name}.yaml"
+    raw = OmegaConf.load(path) if path.exists() else {"name": name}
+    # typed like Hydra does it: an unknown key or a wrongly typed value fails here
+    method = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MethodConfig), raw, overrides))
+    backbone = OmegaConf.to_object(OmegaConf.merge(
+        OmegaConf.structured(BackboneConfig), OmegaConf.load(ROOT / "configs/backbone/test_vit.yaml")))
+    return validate(RunConfig(method=method, backbone=backbone))
+
+
+def make_method(name: str, **overrides):
+    cfg = method_config(name, **overrides)
+    return METHODS[name](method_options(cfg), resolve_targets(cfg), is_cnn=False)
+
+
+class TinyCNN(nn.Module):
+    """A small CNN with 3x3 (padded, strided) and 1x1 convs: the CNN path of every method."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 16, 1)
+        self.c3 = Conv2dSame(16, 16, 3, stride=2)
+        self.num_features = 16
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        x = torch.relu(self.c3(torch.relu(self.c2(x))))
+        return x.mean(dim=(2, 3))
+
+
+CNN_TARGETS = ["c1", "c2", "c3"]
+
+
+def make_cnn_method(name: str, **overrides):
+    cfg = method_config(name, **{"epochs": 2, **overrides})
+    return METHODS[name](method_options(cfg), CNN_TARGETS, is_cnn=True)
+
+
+def fresh_model(method, reference=None):
+    torch.manual_seed(0)  # the run seed: every task job starts from the same initial backbone
+    if getattr(method, "is_cnn", False):
+        backbone = TinyCNN()
+    else:
+        backbone = build_backbone(BackboneSpec(name="test_vit", img_size=SIZE, patch_size=4))
+        split_fused_qkv(backbone)
+    model = method.build(backbone, int(backbone.num_features), [CLASSES] * N_TASKS)
+    if reference is not None:
+        method.load_reference_state(model, reference)
+    return model
+
+
+class CheckingEngine(TorchStepEngine):
+    """AdamW that asserts, after every backward, that exactly the requested parameters have
+    gradients (a frozen parameter with requires_grad left on would show up here)."""
+
+    def __init__(self, module, params, lr, weight_decay, total_steps):
+        super().__init__(module, params, lr, weight_decay, total_steps)
+        self.allowed = {id(p) for p in params}
+
+    def backward_and_step(self, loss):
+        loss.backward()
+        for n, p in self.module.named_parameters():
+            if id(p) in self.allowed:
+                assert p.grad is not None, f"requested parameter {n} got no gradient"
+            else:
+                assert p.grad is None, f"frozen parameter {n} got a gradient"
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def make_ctx(t: int, train=TRAIN, log: list | None = None) -> TaskContext:
+    x, y = train[t]
+
+    def batches(epoch):
+        for i in range(0, len(y), BATCH):
+            yield x[i:i + BATCH], y[i:i + BATCH]
+
+    def seen(epoch):
+        xs = torch.cat([train[s][0] for s in range(t + 1)])
+        ys = torch.cat([train[s][1] for s in range(t + 1)])
+        order = torch.randperm(len(ys), generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, len(ys), BATCH):
+            yield xs[order[i:i + BATCH]], ys[order[i:i + BATCH]]
+
+    def fit(model, request):
+        source, n = (seen, (t + 1) * len(y)) if request.data == "seen" else (batches, len(y))
+        requested = {id(p) for p in request.params}
+        frozen = {k: p.detach().clone() for k, p in model.named_parameters() if id(p) not in requested}
+        result = loop.fit(model, request, source, math.ceil(n / BATCH), CheckingEngine, CPU)
+        now = dict(model.named_parameters())
+        for k, before in frozen.items():
+            assert torch.equal(before, now[k]), f"{request.phase}: frozen parameter {k} changed"
+        if log is not None:
+            log.append(request)
+        return result
+
+    return TaskContext(task_id=t, n_tasks=N_TASKS, classes_per_task=[CLASSES] * N_TASKS,
+                       class_offsets=[CLASSES * i for i in range(N_TASKS)], fit=fit,
+                       allocate_ranks=allocate_ranks_locally, train_batches=batches,
+                       generator=torch.Generator().manual_seed(1000 + t), device=CPU,
+                       seen_train_batches=seen, steps_per_epoch=math.ceil(len(y) / BATCH))
+
+
+def roundtrip(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """Through safetensors, as the task files are written and read."""
+    return {stem: st_load(st_save({k: v.contiguous() for k, v in group.items()}))
+            for stem, group in state.items()}
+
+
+@torch.no_grad()
+def predict(method, model, t: int, x=EVAL_X) -> torch.Tensor:
+    model.eval()
+    if method.prediction == "subnetworks":
+        method.activate_subnetwork(model, t)
+    else:
+        method.activate_model(model, t)
+    return model(x)
+
+
+def load_into_fresh(run, t: int):
+    method = run["method"]
+    model = fresh_model(method, run["reference"])
+    for s in method.state_dependencies(t) + [t]:
+        method.load_task_state(model, s, roundtrip(run["states"][s]))
+    return model
+
+
+def train_stream(method, train=TRAIN):
+    """Tasks 0..N-1 like the task jobs run them; keeps every trained model and state."""
+    run = {"method": method, "reference": None, "states": [], "models": [], "metas": [],
+           "logits": [], "requests": []}
+    for t in range(N_TASKS):
+        model = fresh_model(method, run["reference"])
+        for dep in method.state_dependencies(t):
+            method.load_task_state(model, dep, roundtrip(run["states"][dep]))
+        log: list = []
+        meta = method.learn_task(model, make_ctx(t, train, log))
+        if t == 0:
+            ref = method.reference_state(model)
+            run["reference"] = None if ref is None else {k: v.clone() for k, v in ref.items()}
+        run["states"].append(roundtrip(method.task_state(model, t)))
+        run["models"].append(model)
+        run["metas"].append(meta)
+        run["requests"].append(log)
+        run["logits"].append(predict(method, model, t))
+    return run
+
+
+_RUNS: dict[tuple, dict] = {}
+
+
+def stream(name: str, **overrides) -> dict:
+    key = (name, repr(sorted(overrides.items())))
+    if key not in _RUNS:
+        _RUNS[key] = train_stream(make_method(name, **{"epochs": 2, **overrides}))
+    return _RUNS[key]
+
+
+# -- the shared table -------------------------------------------------------------------------
+TABLE = [pytest.param(name, {}, id=name) for name in sorted(METHODS)] + [
+    pytest.param("sdlora", {"variant": "official"}, id="sdlora-official"),
+    pytest.param("inflora", {"variant": "official", "blocks": 3}, id="inflora-official-b3"),
+    pytest.param("codyra", {"variant": "official"}, id="codyra-official"),
+]
+
+
+@pytest.mark.parametrize("name,overrides", TABLE)
+def test_method_contract(name, overrides):
+    """Frozen parameters get no gradient and do not move (checked inside every fit); saving a
+    task and loading it (with its dependencies) into a fresh model reproduces the trained
+    model's predictions bit for bit; the declared graph/prediction kinds are known."""
+    run = stream(name, **overrides)
+    method = run["method"]
+    assert method.graph in ("chain", "independent")
+    assert method.prediction in ("single", "subnetworks")
+    for t in range(N_TASKS):
+        assert run["requests"][t], f"task {t} trained nothing"
+        reloaded = predict(method, load_into_fresh(run, t), t)
+        assert torch.equal(run["logits"][t], reloaded), f"task {t}: reload changed predictions"
+        if method.prediction == "single":
+            assert run["logits"][t].shape == (len(EVAL_X), CLASSES * (t + 1))
+        added = method.params_added(run["models"][t], t)
+        assert isinstance(added, int) and added > 0
+
+
+def test_every_registered_method_has_a_config():
+    for name in METHODS:
+        path = ROOT / "configs" / "method" / f"{name}.yaml"
+        assert path.exists(), f"configs/method/{name}.yaml is missing"
+        cfg = method_config(name)
+        assert cfg.method.name == name
+
+
+def test_new_method_options_are_validated():
+    with pytest.raises(ConfigError) as e:
+        method_config("codyra", rank=0, dense_fraction=1.0, kappa_max=-1.0, kappa_steps=0)
+    text = str(e.value)
+    for key in ("method.rank=0", "method.dense_fraction", "method.kappa_max", "method.kappa_steps"):
+        assert key in text
+    with pytest.raises(ConfigError) as e:
+        method_config("inflora", gpm_eps=0.0, blocks=0)
+    assert "method.gpm_eps" in str(e.value) and "method.blocks" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        method_config("sdlora_rr", rank_schedule=[10, 0], kd_threshold=-1.0)
+    assert "method.rank_schedule" in str(e.value) and "method.kd_threshold" in str(e.value)
+
+
+# -- PEARL ------------------------------------------------------------------------------------
+def test_pearl_earlier_subnetworks_are_bit_identical_after_later_tasks():
+    run = stream("pearl")
+    method = run["method"]
+    model = fresh_model(method, run["reference"])
+    for t in range(N_TASKS):  # one model holding every task, as the evaluator builds it
+        method.load_task_state(model, t, roundtrip(run["states"][t]))
+    for t in range(N_TASKS):
+        assert torch.equal(predict(method, model, t), run["logits"][t])
+
+
+# -- SD-LoRA ----------------------------------------------------------------------------------
+def test_sdlora_old_directions_frozen_magnitudes_move():
+    run = stream("sdlora")
+    first = run["states"][0]["adapter"]
+    for t in (1, 2):
+        model = run["models"][t]
+        for n, layer in model.lora_layers().items():
+            assert torch.equal(layer.lora_A["t000"].detach(), first[f"{n}.lora_A"])
+            assert torch.equal(layer.lora_B["t000"].detach(), first[f"{n}.lora_B"])
+        assert set(model.sd_magnitudes) == {task_key(i) for i in range(t + 1)}
+    a0 = [float(run["states"][t]["magnitudes"]["t000"]) for t in range(N_TASKS)]
+    assert a0[0] != a0[1] != a0[2], f"alpha_0 never trained: {a0}"
+    # every request trained all magnitudes, the current A/B and the head - nothing else
+    names = {id(p): n for n, p in run["models"][2].named_parameters()}
+    trained = {names[id(p)] for p in run["requests"][2][0].params}
+    assert {"sd_magnitudes.t000", "sd_magnitudes.t001", "sd_magnitudes.t002"} <= trained
+    assert not any(".t000" in n or ".t001" in n for n in trained if "lora_" in n)
+    assert all(".t002" in n for n in trained if "lora_" in n)
+
+
+def test_sdlora_rank_schedule():
+    method = make_method("sdlora_rr")
+    assert [method.rank_for(t) for t in (0, 3, 4, 7, 8, 20)] == [10, 10, 8, 8, 6, 6]
+    assert make_method("sdlora", rank=7).rank_for(9) == 7
+
+
+def test_sdlora_official_normalisation():
+    method = make_method("sdlora", variant="official")
+    model = fresh_model(method)
+    layer = next(iter(model.lora_layers().values()))
+    layer.add_adapter("t000", 3)
+    layer.set_adapter_weights("t000", torch.randn(layer.out_features, 3), torch.randn(3, layer.in_features))
+    expect = torch.linalg.norm(layer.lora_B["t000"]) * torch.linalg.norm(layer.lora_A["t000"])
+    assert torch.allclose(method.direction_norm(layer, "t000"), expect)
+    paper = make_method("sdlora")
+    assert torch.allclose(paper.direction_norm(layer, "t000"),
+                          torch.linalg.norm(layer.lora_B["t000"] @ layer.lora_A["t000"]))
+
+
+def _kd_model(method, combination: bool):
+    """Two frozen old directions and a current LoRA that is (or is not) their combination."""
+    g = torch.Generator().manual_seed(3)
+    model = fresh_model(method)
+    for key in ("t000", "t001"):
+        model.sd_magnitudes[key] = torch.nn.Parameter(torch.tensor([0.7 if key == "t000" else 1.3]))
+    model.sd_magnitudes["t002"] = torch.nn.Parameter(torch.tensor([0.9]))
+    for layer in model.lora_layers().values():
+        dout, din = layer.out_features, layer.in_features
+        B0, A0 = torch.randn(dout, 2, generator=g), torch.randn(2, din, generator=g)
+        B1, A1 = torch.randn(dout, 3, generator=g), torch.randn(3, din, generator=g)
+        for key, (B, A) in (("t000", (B0, A0)), ("t001", (B1, A1))):
+            layer.add_adapter(key, A.shape[0])
+            layer.set_adapter_weights(key, B, A)
+        if combination:  # B_2 A_2 = 0.3 B0 A0 - 0.8 B1 A1, exactly
+            B2, A2 = torch.cat([0.3 * B0, -0.8 * B1], 1), torch.cat([A0, A1], 0)
+        else:
+            B2, A2 = torch.randn(dout, 5, generator=g), torch.randn(5, din, generator=g)
+        layer.add_adapter("t002", 5)
+        layer.set_adapter_weights("t002", 0.05 * B2, A2)
+    for h in range(3):
+        model.add_head(task_key(h), CLASSES, g)
+    method.activate_model(model, 2)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_sdlora_kd_absorbs_a_spanned_direction(variant):
+    method = make_method("sdlora_kd", variant=variant)
+    model = _kd_model(method, combination=True)
+    with torch.no_grad():
+        model.eval()
+        before = model.backbone(EVAL_X)
+    n_params = sum(p.numel() for p in model.parameters())
+    info = method._distill(model, "t002")
+    assert info["absorbed"] and info["max_residual"] < 1e-9
+    assert "t002" not in model.sd_magnitudes
+    assert all("t002" not in layer.lora_A for layer in model.lora_layers().values())
+    assert sum(p.numel() for p in model.parameters()) < n_params
+    method.activate_model(model, 2)
+    with torch.no_grad():
+        after = model.backbone(EVAL_X)
+    assert torch.allclose(before, after, atol=1e-4), "absorbing changed the function"
+    # the state after the task carries no adapter, and a reload rebuilds the absorbed model
+    state = roundtrip(method.task_state(model, 2))
+    assert state["adapter"] == {} and state["offsets"]
+
+
+def test_sdlora_kd_keeps_a_new_direction():
+    method = make_method("sdlora_kd")
+    model = _kd_model(method, combination=False)
+    info = method._distill(model, "t002")
+    assert not info["absorbed"] and info["max_residual"] > 9e-4
+    assert "t002" in model.sd_magnitudes
+    assert all("t002" in layer.lora_A for layer in model.lora_layers().values())
+
+
+# -- InfLoRA ----------------------------------------------------------------------------------
+def _free_residual(A: torch.Tensor, memory) -> float:
+    """Relative size of the part of A's rows inside the protected subspace."""
+    basis, complement = memory
+    basis = basis.to(A.dtype)
+    if float(torch.linalg.norm(A)) == 0.0:  # no free dimension was left: an all-zero branch
+        return 0.0
+    inside = A - (A @ basis) @ basis.T if complement else (A @ basis) @ basis.T
+    return float(torch.linalg.norm(inside) / torch.linalg.norm(A))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"variant": "official"}], ids=["paper", "official"])
+def test_inflora_new_input_rows_orthogonal_to_old_subspace(overrides):
+    run = stream("inflora", **overrides) if overrides else stream("inflora")
+    for t in (1, 2):
+        old = run["states"][t - 1]["memory"]
+        model = run["models"][t]
+        for n, layer in model.lora_layers().items():
+            memory = (old[f"{n}.basis"], bool(old[f"{n}.complement"].item()))
+            A = layer.lora_A[task_key(t)].detach().double()
+            assert _free_residual(A, memory) < 1e-6, f"{n}: task {t} rows enter the old subspace"
+            # designed rows: orthonormal / sqrt(3), and the output side trained from zero
+            assert torch.allclose(A @ A.T, torch.eye(A.shape[0], dtype=A.dtype) / 3, atol=1e-6)
+    # only output sides and the head trained
+    names = {id(p): n for n, p in run["models"][2].named_parameters()}
+    trained = {names[id(p)] for p in run["requests"][2][0].params}
+    assert trained and all("lora_B.t002" in n or n.startswith("heads.t002") for n in trained)
+
+
+def test_inflora_memory_grows_and_switches_to_complement():
+    method = make_method("inflora")
+    g = torch.Generator().manual_seed(0)
+    d = 16
+    H = torch.randn(d, 200, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, d,
+                                                                                dtype=torch.float64)[:, None]
+    C = H @ H.T / 200
+    mem = method.update_memory(C, None, 0.5)
+    assert not mem[1] and 1 <= mem[0].shape[1] < d / 2
+    U = mem[0].double()
+    assert torch.allclose(U.T @ U, torch.eye(U.shape[1], dtype=torch.float64), atol=1e-6)
+    mem2 = method.update_memory(C, mem, 0.999)  # demands nearly all energy: crosses d/2
+    assert mem2[1], "a basis over d/2 must be stored as its complement"
+    protected = method.protected_dims(mem2, d)
+    assert protected > d / 2
+    # the complement is orthogonal to the old protected basis
+    assert float(torch.linalg.norm(mem2[0].double().T @ U)) < 1e-5
+
+
+def _feature_drift(run) -> float:
+    """How far task 0's features moved between the end of task 0 and the end of the stream."""
+    method = run["method"]
+    x = TEST[0]
+    feats = []
+    for t in (0, N_TASKS - 1):
+        model = run["models"][t]
+        method.activate_model(model, t)
+        model.eval()
+        with torch.no_grad():
+            feats.append(model.features(x))
+    return float(torch.linalg.norm(feats[1] - feats[0]) / torch.linalg.norm(feats[0]))
+
+
+def test_inflora_moves_old_features_far_less_than_seq_lora():
+    common = {"targets": ["k", "v"], "rank": 10, "lr": 1e-2, "epochs": 3}
+    inflora = _feature_drift(stream("inflora", **common))
+    seq = _feature_drift(stream("seq_lora", **common))
+    assert seq > 0.01, f"seq_lora barely moved ({seq:.4f}): the comparison says nothing"
+    assert inflora < 0.3 * seq, f"InfLoRA drift {inflora:.4f} vs seq_lora {seq:.4f}"
+
+
+# -- CoDyRA -----------------------------------------------------------------------------------
+def test_codyra_proximal_step_zeroes_small_weights_exactly():
+    method = make_method("codyra", kappa_max=0.005, dense_fraction=0.5)
+    assert method.kappa(0, 100) == 0.0 and method.kappa(49, 100) == 0.0
+    assert method.kappa(50, 100) == pytest.approx(0.005 / 50)
+    assert method.kappa(99, 100) == pytest.approx(0.005)
+    model = fresh_model(method)
+    layer = next(iter(model.lora_layers().values()))
+    layer.add_adapter(CODYRA_ADAPTER, 4)
+    layer.add_gate(CODYRA_ADAPTER, torch.tensor([0.001, -0.004, 0.5, -0.7]))
+    method.proximal_step(model, 99, 100)  # kappa = kappa_max
+    w = layer.lora_w[CODYRA_ADAPTER].detach()
+    assert w[0].item() == 0.0 and w[1].item() == 0.0
+    assert torch.allclose(w[2:], torch.tensor([0.495, -0.695]))
+    method.proximal_step(model, 10, 100)  # dense phase: untouched
+    assert torch.equal(layer.lora_w[CODYRA_ADAPTER].detach(), w)
+    official = make_method("codyra", variant="official", kappa_max=0.005)
+    layer.lora_w[CODYRA_ADAPTER].data = torch.tensor([0.008, -0.2, 0.5, 0.0])
+    official.proximal_step(model, 99, 100)  # the authors' ops zero |w| < 2 kappa
+    assert torch.allclose(layer.lora_w[CODYRA_ADAPTER].detach(), torch.tensor([0.0, -0.195, 0.495, 0.0]))
+
+
+def test_codyra_merge_reproduces_unmerged_outputs():
+    method = make_method("codyra")
+    model = fresh_model(method)
+    g = torch.Generator().manual_seed(5)
+    for layer in model.lora_layers().values():
+        layer.add_adapter(CODYRA_ADAPTER, 6, generator=g)
+        layer.set_adapter_weights(CODYRA_ADAPTER, 0.1 * torch.randn(layer.out_features, 6, generator=g),
+                                  layer.lora_A[CODYRA_ADAPTER].detach())
+        layer.add_gate(CODYRA_ADAPTER, torch.tensor([0.0, 1.2, -0.3, 0.0, 0.0, 2.0]))
+    model.add_head("t000", CLASSES, g)
+    model.activate([CODYRA_ADAPTER], ["t000"])
+    model.eval()
+    with torch.no_grad():
+        before = model(EVAL_X)
+    merged, ranks = method.merge(model)
+    assert set(ranks.values()) == {3}
+    assert all(CODYRA_ADAPTER not in layer.lora_A for layer in model.lora_layers().values())
+    model.activate([], ["t000"])
+    with torch.no_grad():
+        after = model(EVAL_X)
+    assert torch.allclose(before, after, atol=1e-5)
+    assert all(B.shape[1] == 3 and A.shape[0] == 3 for B, A in merged.values())
+
+
+def test_codyra_parameter_count_does_not_grow():
+    run = stream("codyra")
+    counts = []
+    for t, model in enumerate(run["models"]):
+        assert all(not layer.adapters() for layer in model.lora_layers().values())
+        counts.append(sum(p.numel() for n, p in model.named_parameters() if not n.startswith("heads.")))
+        ranks = run["metas"][t]["ranks"]
+        assert ranks and all(0 <= r <= 16 for r in ranks.values())
+        assert method_heads_only(run, t)
+    assert len(set(counts)) == 1, counts
+    initial = fresh_model(run["method"])
+    assert counts[0] == sum(p.numel() for p in initial.parameters())
+    # the backbone did change: the merged updates are in the weights
+    w0 = dict(initial.named_parameters())
+    assert any(not torch.equal(p, w0[n]) for n, p in run["models"][2].named_parameters()
+               if n in w0)
+
+
+def method_heads_only(run, t) -> bool:
+    model = run["models"][t]
+    return run["method"].params_added(model, t) == sum(
+        p.numel() for p in model.heads[task_key(t)].parameters())
+
+
+def test_codyra_prunes_during_a_task():
+    run = stream("codyra", kappa_max=0.5, epochs=2)
+    ranks = run["metas"][0]["ranks"]
+    assert min(ranks.values()) < 16, "a large kappa must prune components"
+
+
+# -- baselines --------------------------------------------------------------------------------
+def test_seq_lora_one_adapter_trained_by_every_task():
+    run = stream("seq_lora")
+    a = [run["states"][t]["adapter"] for t in range(N_TASKS)]
+    for t in range(1, N_TASKS):
+        assert set(a[t]) == set(a[0])
+        assert any(not torch.equal(a[t][k], a[t - 1][k]) for k in a[t]), "task t left the LoRA as is"
+    for model in run["models"]:
+        assert all(layer.adapters() == ["lora"] for layer in model.lora_layers().values())
+
+
+def test_joint_trains_on_all_seen_data_from_the_initial_backbone():
+    run = stream("joint")
+    for t, requests in enumerate(run["requests"]):
+        assert [r.data for r in requests] == ["seen"]
+        assert run["method"].state_dependencies(t) == []
+        assert run["logits"][t].shape[1] == CLASSES * (t + 1)
+    # the seen-classes loss uses stream labels over every seen class's logit
+    logits = torch.tensor([[0.0, 0.0, 10.0, 0.0]])
+    assert run["requests"][1][0].loss_fn(logits, torch.tensor([2])) < 1e-3
+
+
+# -- CNN backbones ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sdlora", "sdlora_kd", "inflora", "codyra", "seq_lora"])
+def test_conv_targets_contract(name):
+    """The same contract on a CNN: LoRA on 3x3, 1x1 and TF-'same' convs."""
+    run = train_stream(make_cnn_method(name))
+    method = run["method"]
+    assert all(isinstance(layer, LoRAConv2d) for layer in run["models"][0].lora_layers().values())
+    for t in range(N_TASKS):
+        assert torch.equal(run["logits"][t], predict(method, load_into_fresh(run, t), t))
+    if name == "inflora":
+        for n, layer in run["models"][2].lora_layers().items():
+            old = run["states"][1]["memory"]
+            A = layer.lora_A["t002"].detach().double()
+            assert _free_residual(A, (old[f"{n}.basis"], bool(old[f"{n}.complement"].item()))) < 1e-6
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 5, 3, padding=1, stride=2),
+    nn.Conv2d(4, 5, 1, stride=2),
+    nn.Conv2d(4, 5, 3, padding=1, padding_mode="reflect"),
+    Conv2dSame(4, 5, 3, stride=2),
+    nn.Linear(4, 5),
+], ids=["conv3x3-s2", "conv1x1-s2", "conv-reflect", "conv2dsame", "linear"])
+def test_inflora_tokens_are_what_the_weight_multiplies(conv):
+    """Gram statistics use the rows the flattened weight multiplies: tokens @ W^T == output."""
+    from cldist.models.lora import LoRALinear
+    layer = LoRAConv2d(conv) if isinstance(conv, nn.Conv2d) else LoRALinear(conv)
+    x = torch.randn(2, 4, 9, 9) if isinstance(conv, nn.Conv2d) else torch.randn(2, 3, 4)
+    tokens = layer_tokens(layer, x)
+    W = conv.weight.reshape(conv.weight.shape[0], -1)
+    with torch.no_grad():
+        out = layer(x)
+        expect = out.permute(0, 2, 3, 1).reshape(-1, W.shape[0]) if out.dim() == 4 else out.reshape(-1, W.shape[0])
+        assert torch.allclose(tokens @ W.T + conv.bias, expect, atol=1e-5)
