@@ -91,6 +91,11 @@ class ContinualMethod:
         self.target_patterns = list(target_patterns)
         self.is_cnn = is_cnn
 
+    @property
+    def official(self) -> bool:
+        """`variant: official`: the authors' code where it departs from the paper."""
+        return self.cfg.get("variant", "paper") == "official"
+
     # -- scheduling ------------------------------------------------------------------------
     def task_graph(self, n_tasks: int) -> list[list[int]]:
         """deps[t] = tasks that must be finished (and their state loaded) before task t."""

@@ -83,10 +83,6 @@ class CoDyRA(ContinualMethod):
     prediction = "single"
     graph = "chain"
 
-    @property
-    def official(self) -> bool:
-        return self.cfg.get("variant", "paper") == "official"
-
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:
         model = ContinualClassifier(backbone, feature_dim)

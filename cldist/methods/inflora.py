@@ -162,10 +162,6 @@ class InfLoRA(ContinualMethod):
     prediction = "single"
     graph = "chain"
 
-    @property
-    def official(self) -> bool:
-        return self.cfg.get("variant", "paper") == "official"
-
     # -- model -----------------------------------------------------------------------------
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:

@@ -85,10 +85,6 @@ class SDLoRA(ContinualMethod):
     graph = "chain"
     distill = False  # SD-LoRA-KD
 
-    @property
-    def official(self) -> bool:
-        return self.cfg.get("variant", "paper") == "official"
-
     def rank_for(self, task_id: int) -> int:
         schedule = list(self.cfg.get("rank_schedule") or [])
         if schedule:
