@@ -1,4 +1,4 @@
-"""Baselines every comparison needs, and small helpers the LoRA methods share.
+"""Baselines every comparison needs.
 
 seq_ft: full fine-tuning task after task with a growing head (one linear head per task,
 concatenated). The lower bound: nothing protects old tasks, so they are overwritten.
@@ -10,69 +10,15 @@ joint: the upper bound - at task t, train on the data of tasks 0..t mixed, over 
 """
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..models.continual import ContinualClassifier, freeze, task_key
-from ..models.inject import inject_lora, match_modules
+from .common import adapter_model, head_state, load_head
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
-
-
-# -- helpers shared by the LoRA methods -------------------------------------------------------
-def head_state(model: ContinualClassifier, key: str) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in model.heads[key].state_dict().items()}
-
-
-def load_head(model: ContinualClassifier, key: str, state: dict[str, torch.Tensor]) -> None:
-    if key not in model.heads:
-        head = model.add_head(key, state["weight"].shape[0])
-        ref = next(model.backbone.parameters())
-        head.to(ref.device)
-    model.heads[key].load_state_dict(state)
-
-
-def _keep_eval(module: nn.Module, args) -> None:
-    module.training = False
-
-
-def freeze_batchnorm_stats(model: nn.Module) -> int:
-    """Make every BatchNorm use (and never update) its running statistics, in train mode too.
-
-    The adapter methods keep the backbone outside their adapters frozen; on a CNN that includes
-    the BatchNorm statistics, which train-mode forwards would otherwise drift towards each new
-    task (changing old tasks' features and making a task's saved state insufficient to rebuild
-    the model). Returns how many norms were frozen."""
-    count = 0
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.register_forward_pre_hook(_keep_eval)
-            count += 1
-    return count
-
-
-def block_index(name: str) -> int | None:
-    """The block a module belongs to: the first integer component of its name."""
-    for part in name.split("."):
-        if re.fullmatch(r"\d+", part):
-            return int(part)
-    return None
-
-
-def restrict_to_blocks(model: nn.Module, patterns: Sequence[str], blocks: int | None) -> list[str]:
-    """`patterns`, or - with `blocks` set - the matching module names in blocks 0..blocks-1
-    (InfLoRA-b5 style); the block of a module is the first integer in its name."""
-    if not blocks:
-        return list(patterns)
-    names = [n for n in match_modules(model, patterns)
-             if block_index(n) is not None and block_index(n) < int(blocks)]
-    if not names:
-        raise ValueError(f"method.blocks={blocks}: no target of {list(patterns)} lies in the first "
-                         f"{blocks} blocks")
-    return names
 
 
 @register_method
@@ -132,12 +78,7 @@ class SeqLoRA(ContinualMethod):
 
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:
-        model = ContinualClassifier(backbone, feature_dim)
-        inject_lora(model.backbone, restrict_to_blocks(model.backbone, self.target_patterns,
-                                                       self.cfg.get("blocks")))
-        freeze_batchnorm_stats(model)
-        freeze(model)
-        return model
+        return adapter_model(backbone, feature_dim, self.target_patterns, self.cfg.get("blocks"))
 
     def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
         key = task_key(ctx.task_id)

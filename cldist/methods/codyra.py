@@ -47,11 +47,10 @@ import torch
 from torch import nn
 
 from ..models.continual import ContinualClassifier, freeze, task_key
-from ..models.inject import inject_lora
 from ..models.lora import LoRALayer
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
-from .baselines import freeze_batchnorm_stats, head_state, load_head, restrict_to_blocks
+from .common import adapter_model, head_state, load_head
 
 ADAPTER = "codyra"
 
@@ -85,11 +84,8 @@ class CoDyRA(ContinualMethod):
 
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:
-        model = ContinualClassifier(backbone, feature_dim)
-        inject_lora(model.backbone, restrict_to_blocks(model.backbone, self.target_patterns,
-                                                       self.cfg.get("blocks")))
+        model = adapter_model(backbone, feature_dim, self.target_patterns, self.cfg.get("blocks"))
         model.codyra_merged = {}  # task id -> layer -> (B', A') of the merged update
-        freeze_batchnorm_stats(model)  # CNNs: frozen backbone statistics too
         freeze(model)
         return model
 

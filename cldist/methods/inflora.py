@@ -62,11 +62,10 @@ from timm.layers.padding import pad_same
 from torch import nn
 
 from ..models.continual import ContinualClassifier, freeze, task_key
-from ..models.inject import inject_lora
 from ..models.lora import LoRAConv2d, LoRALayer
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
-from .baselines import freeze_batchnorm_stats, head_state, load_head, restrict_to_blocks
+from .common import adapter_model, head_state, load_head
 
 
 def layer_tokens(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
@@ -165,12 +164,9 @@ class InfLoRA(ContinualMethod):
     # -- model -----------------------------------------------------------------------------
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:
-        model = ContinualClassifier(backbone, feature_dim)
-        inject_lora(model.backbone, restrict_to_blocks(model.backbone, self.target_patterns,
-                                                       self.cfg.get("blocks")))
+        model = adapter_model(backbone, feature_dim, self.target_patterns, self.cfg.get("blocks"))
         # DualGPM memory per layer: (basis d x k, is_complement); float32, on the CPU
         model.gpm = {}
-        freeze_batchnorm_stats(model)  # CNNs: frozen backbone statistics too
         freeze(model)
         return model
 

@@ -56,10 +56,9 @@ import torch
 from torch import nn
 
 from ..models.continual import ContinualClassifier, freeze, task_key
-from ..models.inject import inject_lora
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
-from .baselines import freeze_batchnorm_stats, head_state, load_head, restrict_to_blocks
+from .common import adapter_model, head_state, load_head
 
 OFFICIAL_MAGNITUDE = 0.8
 
@@ -100,14 +99,11 @@ class SDLoRA(ContinualMethod):
     # -- model -----------------------------------------------------------------------------
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:
-        model = ContinualClassifier(backbone, feature_dim)
-        inject_lora(model.backbone, restrict_to_blocks(model.backbone, self.target_patterns,
-                                                       self.cfg.get("blocks")))
+        model = adapter_model(backbone, feature_dim, self.target_patterns, self.cfg.get("blocks"))
         model.sd_magnitudes = nn.ParameterDict()
         model.sd_current = None  # the task whose B A is used unnormalised
         for layer in model.lora_layers().values():
             layer.sd_offsets = {}
-        freeze_batchnorm_stats(model)  # CNNs: frozen backbone statistics too
         freeze(model)
         return model
 
