@@ -8,7 +8,6 @@ CPU-sized example (seconds): `cldist run scenario=digits_5t backbone=test_vit ru
 """
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from datetime import datetime
@@ -235,8 +234,3 @@ def _flat_hparams(cfg: RunConfig) -> dict:
     return {"method": d["method"], "scenario": d["scenario"]["name"], "backbone": d["backbone"]["name"],
             "runner": d["runner"], "seed": d["seed"], "trainer": d["trainer"]}
 
-
-def remove_run_dir_if_unstarted(run_dir: Path) -> None:
-    """A run that failed before any task committed leaves nothing that looks like a run."""
-    if run_dir.is_dir() and not (run_dir / "tasks").exists():
-        shutil.rmtree(run_dir, ignore_errors=True)

@@ -92,10 +92,6 @@ def load_task_tensors(run_dir, task_id: int) -> dict[str, dict[str, torch.Tensor
     return out
 
 
-def load_task_meta(run_dir, task_id: int) -> dict:
-    return json.loads((task_dir(run_dir, task_id) / "meta.json").read_text())
-
-
 def load_reference(run_dir) -> dict[str, torch.Tensor] | None:
     p = Path(run_dir) / REFERENCE_FILE
     return load_file(str(p)) if p.is_file() else None

@@ -13,10 +13,7 @@ from cldist.data.loader import (
     load_task_tensors,
     make_transform,
     num_batches,
-    rank_nodesplitter,
-    split_by_rank,
     task_batches,
-    worker_splitter,
 )
 from cldist.data.manifest import Manifest, ShardInfo, TaskSpec
 from cldist.data.sources import SOURCES
@@ -25,5 +22,5 @@ from cldist.data.verify import verify_dataset
 __all__ = [
     "Manifest", "ShardInfo", "TaskSpec", "SOURCES", "build_dataset", "make_transform",
     "task_batches", "load_task_tensors", "iter_task_samples", "num_batches", "TaskStream",
-    "split_by_rank", "rank_nodesplitter", "worker_splitter", "verify_dataset",
+    "verify_dataset",
 ]

@@ -30,7 +30,6 @@ import io
 import os
 import re
 from dataclasses import dataclass
-from itertools import islice
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -368,37 +367,6 @@ class TaskStream(torch.utils.data.IterableDataset):
                 world_size=self.world_size * workers, verify_checksums=self.verify_checksums,
                 shuffle_buffer=self.shuffle_buffer):
             yield self.transform(decode_image(sample)), self.manifest.stream_label(sample.label)
-
-
-# ------------------------------------------------- webdataset splitting helpers
-def split_by_rank(urls: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """Every `world_size`-th shard URL starting at `rank` (shard-level splitting).
-
-    No overlap and no loss, but ranks get unequal sample counts (or none) unless the shards
-    are equal-sized and their number is a multiple of world_size; `task_batches` splits by
-    sample instead and has neither problem.
-    """
-    _check_rank(rank, world_size)
-    return list(urls)[rank::world_size]
-
-
-def rank_nodesplitter(rank: int, world_size: int) -> Callable[[Iterable], Iterator]:
-    """A webdataset `nodesplitter=` for an explicit rank (webdataset's default refuses
-    multi-rank use, and its own splitter reads the rank from torch.distributed)."""
-    _check_rank(rank, world_size)
-
-    def nodesplitter(src: Iterable) -> Iterator:
-        return islice(src, rank, None, world_size)
-
-    return nodesplitter
-
-
-def worker_splitter(src: Iterable) -> Iterator:
-    """A webdataset `workersplitter=`: every num_workers-th item for this DataLoader worker."""
-    info = torch.utils.data.get_worker_info()
-    if info is None or info.num_workers <= 1:
-        return iter(src)
-    return islice(src, info.id, None, info.num_workers)
 
 
 # ---------------------------------------------------------------- transforms

@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..models.continual import ContinualClassifier
+from ..models.continual import ContinualClassifier, freeze
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -109,7 +109,10 @@ class ContinualMethod:
     # -- model -----------------------------------------------------------------------------
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:
-        raise NotImplementedError
+        """The model before any task: by default the frozen backbone, no adapters, no heads."""
+        model = ContinualClassifier(backbone, feature_dim)
+        freeze(model)
+        return model
 
     def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
         raise NotImplementedError

@@ -27,12 +27,6 @@ class SeqFT(ContinualMethod):
     prediction = "single"
     graph = "chain"
 
-    def build(self, backbone: nn.Module, feature_dim: int,
-              classes_per_task: Sequence[int]) -> ContinualClassifier:
-        model = ContinualClassifier(backbone, feature_dim)
-        freeze(model)
-        return model
-
     def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
         key = task_key(ctx.task_id)
         model.add_head(key, ctx.n_classes, ctx.generator)
@@ -151,12 +145,6 @@ class Joint(ContinualMethod):
 
     def state_dependencies(self, task_id: int) -> list[int]:
         return []
-
-    def build(self, backbone: nn.Module, feature_dim: int,
-              classes_per_task: Sequence[int]) -> ContinualClassifier:
-        model = ContinualClassifier(backbone, feature_dim)
-        freeze(model)
-        return model
 
     def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
         keys = [task_key(i) for i in range(ctx.task_id + 1)]

@@ -58,16 +58,13 @@ class Pearl(ContinualMethod):
         freeze(model)
         return model
 
-    def _targets(self, model: ContinualClassifier):
-        return model.lora_layers()
-
     def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
         t, key = ctx.task_id, task_key(ctx.task_id)
         if self.trains_reference and t == 0:
             return self._learn_reference(model, ctx)
         cfg = self.cfg
         loss = current_task_loss(ctx.offset)
-        targets = self._targets(model)
+        targets = model.lora_layers()
 
         # stage 1: fine-tune the target layers (and the norms, for CNNs) from W_r
         reference = {n: layer.weight.detach().clone() for n, layer in targets.items()}

@@ -72,6 +72,3 @@ def freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
 
-
-def count_params(params) -> int:
-    return int(sum(p.numel() for p in params))
