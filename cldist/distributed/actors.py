@@ -130,9 +130,7 @@ class EvaluatorActor:
         return self.scorer.score_blocks(pairs)
 
     def score_single(self, upto_task: int, tests: Sequence[int]):
-        from ..eval.scoring import Scorer
-        # a single-model method's weights change every task: a fresh model per row
-        return Scorer(self.cfg, self.run_dir).score_single(upto_task, tests)
+        return self.scorer.score_single(upto_task, tests)
 
     def test_labels(self, j: int):
         return self.scorer.test_labels(j)

@@ -44,11 +44,15 @@ class Scorer:
         self.device = torch.device(device)
         self.manifest = load_run_manifest(self.run_dir)
         self.method = make_method(cfg)
-        self.model: ContinualClassifier = build_model(cfg, self.method, self.manifest, run_dir)
-        self.model.to(self.device).eval()
-        self.loaded: set[int] = set()
+        self._new_model()
         self._test_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         _, self.test_tf = transforms(cfg, self.manifest)
+
+    def _new_model(self) -> None:
+        self.model: ContinualClassifier = build_model(self.cfg, self.method, self.manifest,
+                                                      self.run_dir)
+        self.model.to(self.device).eval()
+        self.loaded: set[int] = set()
 
     def load_tasks(self, task_ids: Sequence[int]) -> None:
         for t in task_ids:
@@ -84,6 +88,9 @@ class Scorer:
 
     def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, float]:
         """Accuracy (%) of the model after `upto_task` on each test set."""
+        # a single-model method's weights change every task: the model must hold exactly the
+        # state after `upto_task`, so rebuild it (the decoded test sets stay cached)
+        self._new_model()
         self.load_tasks(self.method.state_dependencies(upto_task) + [upto_task])
         self.method.activate_model(self.model, upto_task)
         out = {}

@@ -50,8 +50,7 @@ class InlineRunner:
         return self.scorer.score_blocks(pairs)
 
     def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, float]:
-        # a single-model method's weights change every task: score with a fresh model
-        return Scorer(self.cfg, self.run_dir).score_single(upto_task, tests)
+        return self.scorer.score_single(upto_task, tests)
 
     def test_labels(self, j: int):
         return self.scorer.test_labels(j)
