@@ -115,8 +115,12 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
     bs = cfg.trainer.batch_size
     # every rank must take the same number of steps (collectives); the sample split gives
     # ranks at most one sample more or less, so the shortest share sets the step count
-    share = manifest.tasks[t].n_train // world_size
-    steps = max(1, -(-share // bs))
+    def steps_for(share: int) -> int:
+        return max(1, -(-share // bs))
+
+    steps = steps_for(manifest.tasks[t].n_train // world_size)
+    seen_share = sum(manifest.tasks[s_].n_train for s_ in range(t + 1)) // world_size
+    seen_steps = steps_for(seen_share)
     data_seed = cfg.seed * 1_000_003 + t
 
     def batches(epoch: int):
@@ -140,7 +144,6 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
         x_all, y_all = torch.cat(xs), torch.cat(ys)
         g = torch.Generator().manual_seed(data_seed * 31 + epoch)
         order = torch.randperm(len(y_all), generator=g)
-        seen_share = sum(manifest.tasks[s_].n_train for s_ in range(t + 1)) // world_size
         for i in range(0, min(len(order), seen_share), bs):
             idx = order[i:i + bs]
             yield x_all[idx], y_all[idx]
@@ -149,11 +152,8 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
         def report(phase, epoch, n_epochs, loss_value, lr):
             if on_epoch is not None and rank == 0:
                 on_epoch(t, phase, epoch, n_epochs, loss_value, lr)
-        if request.data == "seen":
-            seen_share = sum(manifest.tasks[s_].n_train for s_ in range(t + 1)) // world_size
-            return loop.fit(model_, request, seen_batches, max(1, -(-seen_share // bs)),
-                            make_engine, device, report, task_id=t)
-        return loop.fit(model_, request, batches, steps, make_engine, device, report, task_id=t)
+        source, n_steps = (seen_batches, seen_steps) if request.data == "seen" else (batches, steps)
+        return loop.fit(model_, request, source, n_steps, make_engine, device, report, task_id=t)
 
     ctx = TaskContext(task_id=t, n_tasks=manifest.n_tasks,
                       classes_per_task=[len(x.classes) for x in manifest.tasks],
