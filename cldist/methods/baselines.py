@@ -82,7 +82,6 @@ class SeqLoRA(ContinualMethod):
                 layer.add_adapter(self.adapter, min(int(self.cfg.get("rank", 8)), layer.max_rank()),
                                   scaling=1.0, generator=ctx.generator)
         model.add_head(key, ctx.n_classes, ctx.generator)
-        model.to(ctx.device)
         model.activate([self.adapter], [key])
         freeze(model)
         params = [p for layer in layers.values()
@@ -150,7 +149,6 @@ class Joint(ContinualMethod):
         keys = [task_key(i) for i in range(ctx.task_id + 1)]
         for i, key in enumerate(keys):
             model.add_head(key, ctx.classes_per_task[i], ctx.generator)
-        model.to(ctx.device)
         model.activate([], keys)
         freeze(model)
         params = list(model.backbone.parameters())

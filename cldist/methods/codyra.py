@@ -125,7 +125,6 @@ class CoDyRA(ContinualMethod):
                               generator=ctx.generator)
             layer.add_gate(ADAPTER, generator=ctx.generator)
         model.add_head(key, ctx.n_classes, ctx.generator)
-        model.to(ctx.device)
         model.activate([ADAPTER], [key])
         freeze(model)
         params = [p for layer in layers.values()

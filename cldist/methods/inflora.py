@@ -288,7 +288,6 @@ class InfLoRA(ContinualMethod):
         rank = int(self.cfg.get("rank", 10))
         layers = model.lora_layers()
         model.add_head(key, ctx.n_classes, ctx.generator)
-        model.to(ctx.device)
         old = sorted({k for layer in layers.values() for k in layer.adapters()})
         model.activate(old, [key])
 

@@ -148,7 +148,6 @@ class SDLoRA(ContinualMethod):
                                                            device=ref.device))
         keys = self._wire(model, current=key)
         model.add_head(key, ctx.n_classes, ctx.generator)
-        model.to(ctx.device)
         model.activate(keys, [key])  # every direction on; current task's logits only
         freeze(model)
         params = [p for layer in layers.values() for p in (layer.lora_A[key], layer.lora_B[key])]
