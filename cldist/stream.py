@@ -20,6 +20,7 @@ from .coordinator.store import clean_staging, load_run_manifest, save_run_manife
 from .data.manifest import Manifest
 from .errors import UserError
 from .eval.metrics import summarize
+from .eval.scoring import row_from_blocks
 from .report.progress import Progress
 from .report.summary import format_summary_table
 from .report.tensorboard import TensorBoardLogger
@@ -121,7 +122,6 @@ class StreamEvaluator:
                 all(i in self.finished for i in range(len(self.rows) + 1)):
             r = len(self.rows)
             if self.prediction == "subnetworks":
-                from .eval.scoring import row_from_blocks
                 for j in range(r + 1):
                     if j not in self.labels:
                         self.labels[j] = self.runner.test_labels(j)
