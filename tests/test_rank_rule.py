@@ -284,3 +284,21 @@ def test_unknown_rule_raises():
         allocate_rank(w, w + 1, rule="bogus")
     assert sorted(THRESHOLD_RULES) == ["fixed", "linear", "squashed"]
     assert math.isfinite(allocate_rank(w, w + 1).threshold)
+
+
+def test_randomised_svd_is_deterministic_and_leaves_the_rng_alone():
+    """The low-rank path must give the same rank whatever the global RNG state, and must not
+    consume the caller's RNG (ranks computed in another process vs in-process must agree)."""
+    from cldist.coordinator.ranks import allocate_rank
+    g = torch.Generator().manual_seed(3)
+    w_ref = torch.randn(200, 150, generator=g)
+    w_task = w_ref + 0.01 * torch.randn(200, 150, generator=g)
+    decisions = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        decisions.append(allocate_rank(w_ref, w_task, "fixed", {"t_max": 0.6}, 1, 4,
+                                       return_factors=True))
+        assert torch.equal(torch.get_rng_state(), before)
+    (d1, B1, A1), (d2, B2, A2) = decisions
+    assert d1 == d2 and torch.equal(B1, B2) and torch.equal(A1, A2)

@@ -90,7 +90,12 @@ def task_vector_svd(w_ref: torch.Tensor, w_task: torch.Tensor, max_rank: int | N
     full_rank = min(dw.shape)
     if max_rank is not None and max_rank + lowrank_oversample < full_rank // 2:
         q = min(full_rank, max_rank + lowrank_oversample)
-        U, S, V = torch.svd_lowrank(dw, q=q, niter=4)
+        # svd_lowrank draws its random projection from the global RNG: seed it privately so
+        # the ranks do not depend on which process ran the SVD or what it ran before, and so
+        # the caller's RNG (data augmentation) is left untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            U, S, V = torch.svd_lowrank(dw, q=q, niter=4)
         # the explained-variance denominator must be the whole spectrum, not the top q
         rest = max(float(dw.pow(2).sum()) - float(S.pow(2).sum()), 0.0)
         return U, S, V.T, rest
