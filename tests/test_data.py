@@ -446,7 +446,7 @@ def test_manifest_rejects_paths_escaping_the_directory(digits_dir, tmp_path, bad
 
 
 @pytest.mark.parametrize("edit, field", [
-    (lambda d: d.update(format_version=2), "format_version"),
+    (lambda d: d.update(format_version=3), "format_version"),  # newer than this cldist
     (lambda d: d["tasks"][2].update(classes=[]), "tasks[2].classes"),
     (lambda d: d["tasks"][0]["train"][0].update(sha256="abc"), "tasks[0].train[0].sha256"),
     (lambda d: d["tasks"][0]["train"][0].update(n_samples=0), "tasks[0].train[0].n_samples"),

@@ -1,9 +1,11 @@
-"""Data: webdataset shards for class-incremental streams.
+"""Data: webdataset shards for class- and domain-incremental streams.
 
-- `build_dataset` turns a source (digits, fashion_mnist, folder) into shards + manifest.
+- `build_dataset` turns a source (see `SOURCES`: digits, fashion_mnist, fmnist_digits, folder,
+  imagenet_r, imagenet_a, domainnet, cifar100, cub200) into shards + manifest.
 - `Manifest` describes a built dataset: class order, tasks, shards and their checksums.
 - `task_batches` / `load_task_tensors` / `TaskStream` read a task safely (images and integer
-  labels only, never pickle), split across ranks without overlap or loss.
+  labels only, never pickle) from local paths or URLs, split across ranks without overlap or
+  loss.
 - `verify_dataset` checks every shard against the manifest.
 """
 from cldist.data.build import build_dataset

@@ -1,15 +1,19 @@
 """Streaming a task's shards into tensors, safely.
 
-Reading: webdataset's gopen opens a shard (a local path or any URL webdataset reads) and its
-tar iterator yields the members. Members are grouped into samples here, strictly: a sample
-must be exactly one image (`png`/`jpg`/`jpeg`/`webp`, decoded with PIL restricted to that
-format) and one `cls` (ASCII decimal class id). Any other member - `.pyd`, `.pkl`, `.pth`, a
-name without an extension - is a `DataError` naming the shard and the key. Nothing is ever
-unpickled. A label outside the task's classes, a truncated or corrupt tar, or a sample count
-that differs from the manifest is likewise a `DataError` naming the shard.
+Reading: `cldist.data.remote` opens a shard (a local path, http(s), any scheme webdataset's
+gopen knows, or fsspec's) and the tar is walked here. Members are grouped into samples
+strictly: a sample must be exactly one image (`png`/`jpg`/`jpeg`/`webp`, decoded with PIL
+restricted to that format, decompression bombs refused) and one `cls` (ASCII decimal class
+id). Any other member - `.pyd`, `.pkl`, `.pth`, a name without an extension, a link or device
+- is a `DataError` naming the shard and the key. Nothing is ever unpickled. A label outside
+the task's classes, a truncated or corrupt tar, or a sample count that differs from the
+manifest is likewise a `DataError` naming the shard.
 
-Checksums: when `verify_checksums` is true, each shard's sha256 is checked against the
-manifest once per process (cached by path, size and mtime) before its first read.
+Checksums: when `verify_checksums` is true, every shard is checked against its manifest sha256
+before anything in it is parsed: a local shard once per process (cached by path, size and
+mtime), a remote one as it is downloaded (into a temporary spool, or into the shard cache
+directory - `cache_dir`, default $CLDIST_SHARD_CACHE - where it is kept under its sha256 and
+read locally from then on).
 
 Splitting across ranks (and DataLoader workers): every rank reads *all* shards of the task,
 in the same order and through the same seeded shuffle, and keeps the samples whose position
@@ -25,21 +29,27 @@ split) only, so a run is reproducible and every rank agrees on the order.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import math
 import os
 import re
+import tarfile
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from webdataset.gopen import gopen
-from webdataset.handlers import reraise_exception
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from cldist.data.manifest import SPLITS, Manifest
+from cldist.data.remote import (
+    SHARD_CACHE_ENV, ChecksumMismatch, download_to_file, download_to_spool, is_local,
+    local_path, open_url)
 from cldist.errors import DataError
 
 # Member extension -> the only PIL format allowed to decode it.
@@ -68,33 +78,50 @@ class RawSample:
 _verified_shards: dict[tuple, str] = {}
 
 
-def _is_local(url: str) -> bool:
-    return url.startswith("file:") or ("://" not in url and not url.startswith("pipe:"))
-
-
-def _local_path(url: str) -> str:
-    return re.sub(r"^file:(//)?", "", url)
-
-
 def shard_sha256(url: str, chunk_size: int = 1 << 20) -> str:
     """The sha256 of a shard at a local path or URL (DataError if it cannot be read)."""
     digest = hashlib.sha256()
-    try:
-        with gopen(_local_path(url) if _is_local(url) else url, "rb") as stream:
+    with _shard_read_errors(url):
+        with open_url(url) as stream:
             while chunk := stream.read(chunk_size):
                 digest.update(chunk)
-    except FileNotFoundError:
-        raise DataError(f"shard {url} is missing; {REBUILD_HINT}") from None
-    except Exception as exc:
-        raise DataError(f"shard {url} cannot be read ({exc}); {REBUILD_HINT}") from None
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _shard_read_errors(url: str, sha256: str | None = None):
+    """Any failure to read shard `url` as one DataError naming it and the fix."""
+    try:
+        yield
+    except ChecksumMismatch as exc:
+        raise _checksum_error(url, exc.actual, sha256) from None
+    except FileNotFoundError:
+        raise DataError(f"shard {url} is missing; {REBUILD_HINT}") from None
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"shard {url} cannot be read ({exc}); {REBUILD_HINT}") from None
+
+
+
+def _checksum_error(url: str, actual: str, expected: str) -> DataError:
+    return DataError(f"shard {url} fails its checksum (sha256 {actual[:16]}..., manifest "
+                     f"says {expected[:16]}...): it is corrupt or changed since the build; "
+                     f"{REBUILD_HINT}")
+
+
 def verify_shard_checksum(url: str, expected_sha256: str) -> None:
-    """Check a shard against its manifest sha256, once per process per (path, size, mtime)."""
-    if _is_local(url):
+    """Check a shard against its manifest sha256, once per process per (path, size, mtime).
+
+    A remote shard is downloaded to check it; with a shard cache ($CLDIST_SHARD_CACHE) the
+    download is kept, so a pre-flight check also fills the cache.
+    """
+    if not is_local(url) and default_cache_dir() is not None:
+        open_shard(url, expected_sha256, True, default_cache_dir()).close()
+        return
+    if is_local(url):
         try:
-            stat = os.stat(_local_path(url))
+            stat = os.stat(local_path(url))
         except FileNotFoundError:
             raise DataError(f"shard {url} is missing; {REBUILD_HINT}") from None
         cache_key = (url, expected_sha256, stat.st_size, stat.st_mtime_ns)
@@ -104,10 +131,41 @@ def verify_shard_checksum(url: str, expected_sha256: str) -> None:
         return
     actual = shard_sha256(url)
     if actual != expected_sha256:
-        raise DataError(f"shard {url} fails its checksum (sha256 {actual[:16]}..., manifest "
-                        f"says {expected_sha256[:16]}...): it is corrupt or changed since the "
-                        f"build; {REBUILD_HINT}")
+        raise _checksum_error(url, actual, expected_sha256)
     _verified_shards[cache_key] = actual
+
+
+def default_cache_dir() -> str | None:
+    """The shard cache directory from $CLDIST_SHARD_CACHE (None when unset or empty)."""
+    return os.environ.get(SHARD_CACHE_ENV) or None
+
+
+def open_shard(url: str, sha256: str, verify: bool = True,
+               cache_dir: str | os.PathLike | None = None) -> BinaryIO:
+    """A read stream over the shard at `url`, checked against `sha256` first when `verify`.
+
+    Remote shards are downloaded once: into `cache_dir/<sha256>.tar` when a cache directory is
+    given (always checked, since the file is named by its checksum), else into a temporary
+    spool when `verify`, else streamed straight from the URL.
+    """
+    with _shard_read_errors(url, sha256):
+        if is_local(url):
+            if verify:
+                verify_shard_checksum(url, sha256)
+            return open(local_path(url), "rb")
+        if cache_dir is not None:
+            cached = str(Path(cache_dir) / f"{sha256}.tar")
+            if os.path.isfile(cached):
+                try:
+                    verify_shard_checksum(cached, sha256)  # hashed once per process
+                    return open(cached, "rb")
+                except DataError:
+                    os.unlink(cached)  # damaged since it was cached: fetch it again
+            download_to_file(url, sha256, cached)
+            return open(cached, "rb")
+        if verify:
+            return download_to_spool(url, sha256)
+        return open_url(url)
 
 
 # -------------------------------------------------------------- shard reading
@@ -137,57 +195,73 @@ def _finish_sample(shard: str, key: str, members: dict[str, bytes],
                      image_format=IMAGE_FORMATS[images[0]], label=label)
 
 
+def _member_kind(info: tarfile.TarInfo) -> str:
+    if info.issym() or info.islnk():
+        return "link"
+    if info.isdir():
+        return "directory"
+    return "device or special file"
+
+
 def iter_shard(url: str, allowed_classes: Iterable[int] | None = None,
-               expected_count: int | None = None) -> Iterator[RawSample]:
+               expected_count: int | None = None,
+               stream: BinaryIO | None = None) -> Iterator[RawSample]:
     """Yield the samples of one shard, validated but with images still encoded.
 
-    Raises DataError (naming the shard) for unknown members, bad or foreign labels, a
-    truncated/corrupt tar, or a sample count other than `expected_count`.
+    `stream` is the shard already opened (see `open_shard`; it is closed here), else `url` is
+    opened without a checksum check. Raises DataError (naming the shard) for unknown members,
+    bad or foreign labels, a truncated/corrupt tar, or a sample count other than
+    `expected_count`.
     """
     allowed = set(allowed_classes) if allowed_classes is not None else None
     seen_keys: set[str] = set()
     count = 0
     key, members = None, {}
+    if stream is None:
+        with _shard_read_errors(url):
+            stream = open_url(url)
     try:
-        stream = gopen(_local_path(url) if _is_local(url) else url, "rb")
-    except FileNotFoundError:
-        raise DataError(f"shard {url} is missing; {REBUILD_HINT}") from None
-    except Exception as exc:
-        raise DataError(f"shard {url} cannot be opened ({exc}); {REBUILD_HINT}") from None
-    try:
-        for member in tar_file_iterator(stream, handler=reraise_exception):
-            name = member["fname"]
-            member_key, ext = base_plus_ext(name)
-            if member_key is None:
-                raise DataError(f"shard {url}: member {name!r} has no extension; cldist reads "
-                                f"only images and 'cls' labels; {REBUILD_HINT}")
-            ext = ext.lower()
-            if ext not in IMAGE_FORMATS and ext != LABEL_EXTENSION:
-                # Checked before anything is decoded: pickles and the like are never loaded.
-                raise DataError(f"shard {url}: sample {member_key!r} has a member of type "
-                                f"'.{ext}' ({name}); cldist reads only png/jpg/jpeg/webp "
-                                f"images and 'cls' labels and never unpickles; "
-                                f"{REBUILD_HINT}")
-            if member_key != key:
-                if key is not None:
-                    yield _finish_sample(url, key, members, allowed)
-                    count += 1
-                if member_key in seen_keys:
-                    raise DataError(f"shard {url}: key {member_key!r} appears in two places; "
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                tar.members = []  # stream mode keeps every header otherwise
+                name = info.name
+                if info.isdir():
+                    continue  # harmless; some tar writers add directory entries
+                if not info.isreg():
+                    raise DataError(f"shard {url}: member {name!r} is a {_member_kind(info)}; "
+                                    f"cldist reads only regular image and 'cls' members; "
                                     f"{REBUILD_HINT}")
-                seen_keys.add(member_key)
-                key, members = member_key, {}
-            if ext in members:
-                raise DataError(f"shard {url}: sample {key!r} has two '.{ext}' members; "
-                                f"{REBUILD_HINT}")
-            members[ext] = member["data"]
+                member_key, ext = base_plus_ext(name)
+                if member_key is None:
+                    raise DataError(f"shard {url}: member {name!r} has no extension; cldist "
+                                    f"reads only images and 'cls' labels; {REBUILD_HINT}")
+                ext = ext.lower()
+                if ext not in IMAGE_FORMATS and ext != LABEL_EXTENSION:
+                    # Checked before the member is even read: pickles are never loaded.
+                    raise DataError(f"shard {url}: sample {member_key!r} has a member of type "
+                                    f"'.{ext}' ({name}); cldist reads only png/jpg/jpeg/webp "
+                                    f"images and 'cls' labels and never unpickles; "
+                                    f"{REBUILD_HINT}")
+                if member_key != key:
+                    if key is not None:
+                        yield _finish_sample(url, key, members, allowed)
+                        count += 1
+                    if member_key in seen_keys:
+                        raise DataError(f"shard {url}: key {member_key!r} appears in two "
+                                        f"places; {REBUILD_HINT}")
+                    seen_keys.add(member_key)
+                    key, members = member_key, {}
+                if ext in members:
+                    raise DataError(f"shard {url}: sample {key!r} has two '.{ext}' members; "
+                                    f"{REBUILD_HINT}")
+                members[ext] = tar.extractfile(info).read()
         if key is not None:
             yield _finish_sample(url, key, members, allowed)
             count += 1
     except DataError:
         raise
     except Exception as exc:  # tarfile/gzip/OS errors: the shard is truncated or corrupt
-        reason = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+        reason = str(exc.args[0]) if exc.args else type(exc).__name__
         raise DataError(f"shard {url} is truncated or corrupt ({type(exc).__name__}: "
                         f"{reason}); {REBUILD_HINT}") from None
     finally:
@@ -198,10 +272,13 @@ def iter_shard(url: str, allowed_classes: Iterable[int] | None = None,
 
 
 def decode_image(sample: RawSample) -> Image.Image:
-    """Decode a sample's image with the one PIL format its extension names."""
+    """Decode a sample's image with the one PIL format its extension names; images past
+    PIL's decompression-bomb limit are refused, not just warned about."""
     try:
-        image = Image.open(io.BytesIO(sample.image_bytes), formats=[sample.image_format])
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(sample.image_bytes), formats=[sample.image_format])
+            image.load()
     except Exception as exc:
         raise DataError(f"shard {sample.shard}: sample {sample.key!r}: its "
                         f"{sample.image_format} image cannot be decoded ({exc}); "
@@ -234,8 +311,13 @@ def _check_rank(rank: int, world_size: int) -> None:
 def iter_task_samples(manifest: Manifest, task_id: int, split: str, *, shuffle: bool = False,
                       seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
                       verify_checksums: bool = True,
-                      shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> Iterator[RawSample]:
-    """This rank's share of one task's split, as undecoded samples (see the module doc)."""
+                      shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                      cache_dir: str | os.PathLike | None = None) -> Iterator[RawSample]:
+    """This rank's share of one task's split, as undecoded samples (see the module doc).
+
+    cache_dir: where remote shards are kept between reads (default $CLDIST_SHARD_CACHE; None
+    and unset: downloaded on every read). Local shards are read in place.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     _check_rank(rank, world_size)
@@ -244,14 +326,14 @@ def iter_task_samples(manifest: Manifest, task_id: int, split: str, *, shuffle: 
     allowed = set(task.classes)
     rng = np.random.default_rng([seed, epoch, task_id, _SPLIT_STREAM[split]])
     order = rng.permutation(len(shards)) if shuffle else range(len(shards))
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
 
     def all_samples() -> Iterator[RawSample]:
         for index in order:
             shard = shards[int(index)]
             url = manifest.shard_url(shard)
-            if verify_checksums:
-                verify_shard_checksum(url, shard.sha256)
-            yield from iter_shard(url, allowed, expected_count=shard.n_samples)
+            stream = open_shard(url, shard.sha256, verify_checksums, cache)
+            yield from iter_shard(url, allowed, expected_count=shard.n_samples, stream=stream)
 
     def generate() -> Iterator[RawSample]:
         stream = all_samples()
@@ -283,7 +365,8 @@ def task_batches(manifest: Manifest, task_id: int, split: str, batch_size: int,
                  transform: Callable[[Image.Image], torch.Tensor], shuffle: bool = False,
                  seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
                  drop_last: bool = False, verify_checksums: bool = True,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                 cache_dir: str | os.PathLike | None = None
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches `(images N,C,H,W float, labels N long)` of this rank's share of a task.
 
@@ -295,7 +378,7 @@ def task_batches(manifest: Manifest, task_id: int, split: str, batch_size: int,
     samples = iter_task_samples(manifest, task_id, split, shuffle=shuffle, seed=seed,
                                 epoch=epoch, rank=rank, world_size=world_size,
                                 verify_checksums=verify_checksums,
-                                shuffle_buffer=shuffle_buffer)
+                                shuffle_buffer=shuffle_buffer, cache_dir=cache_dir)
     limit = num_batches(manifest, task_id, split, batch_size, rank, world_size, drop_last) \
         if drop_last else None
 
@@ -322,15 +405,17 @@ def task_batches(manifest: Manifest, task_id: int, split: str, batch_size: int,
 
 def load_task_tensors(manifest: Manifest, task_id: int, split: str,
                       transform: Callable[[Image.Image], torch.Tensor],
-                      verify_checksums: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      verify_checksums: bool = True,
+                      cache_dir: str | os.PathLike | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole task's split in memory: `(images N,C,H,W, stream labels N)`, in shard order."""
     images, labels = [], []
     for sample in iter_task_samples(manifest, task_id, split,
-                                    verify_checksums=verify_checksums):
+                                    verify_checksums=verify_checksums, cache_dir=cache_dir):
         images.append(transform(decode_image(sample)))
         labels.append(manifest.stream_label(sample.label))
     if not images:
-        size = manifest.image_size
+        size = manifest.image_size or getattr(transform, "image_size", 0)
         return torch.empty(0, manifest.channels, size, size), torch.empty(0, dtype=torch.long)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
@@ -346,13 +431,15 @@ class TaskStream(torch.utils.data.IterableDataset):
     def __init__(self, manifest: Manifest, task_id: int, split: str,
                  transform: Callable[[Image.Image], torch.Tensor], shuffle: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1,
-                 verify_checksums: bool = True, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+                 verify_checksums: bool = True, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                 cache_dir: str | os.PathLike | None = None):
         super().__init__()
         _check_rank(rank, world_size)
         self.manifest, self.task_id, self.split = manifest, task_id, split
         self.transform, self.shuffle, self.seed = transform, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.verify_checksums, self.shuffle_buffer = verify_checksums, shuffle_buffer
+        self.cache_dir = cache_dir
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -365,13 +452,27 @@ class TaskStream(torch.utils.data.IterableDataset):
                 self.manifest, self.task_id, self.split, shuffle=self.shuffle,
                 seed=self.seed, epoch=self.epoch, rank=self.rank * workers + worker,
                 world_size=self.world_size * workers, verify_checksums=self.verify_checksums,
-                shuffle_buffer=self.shuffle_buffer):
+                shuffle_buffer=self.shuffle_buffer, cache_dir=self.cache_dir):
             yield self.transform(decode_image(sample)), self.manifest.stream_label(sample.label)
 
 
 # ---------------------------------------------------------------- transforms
+TRAIN_CROPS = ("random", "random_resized", "none")
+
+
 class ImageTransform:
     """PIL image -> float tensor C x H x W in [0, 1], resized, optionally augmented/normalised.
+
+    Training augmentation (`train and augment`), by `crop`:
+    - "random": resize to image_size square, zero-pad by image_size // 8, random crop back,
+      horizontal flip (CIFAR-style; the default);
+    - "random_resized": a random crop of 8-100% of the original image's area with aspect
+      ratio in [3/4, 4/3], resized to image_size square, horizontal flip (the ImageNet-style
+      pipeline the LoRA papers train ViTs with);
+    - "none": resize to image_size square, horizontal flip only.
+    Otherwise (evaluation, or no augmentation): resize to image_size square; or, with
+    `resize`, resize the shorter side to `resize` keeping the aspect ratio and take the
+    central image_size square (the papers' Resize(256) + CenterCrop(224)).
 
     A class rather than a closure so DataLoader workers can pickle it. Augmentation draws from
     torch's global RNG, so `torch.manual_seed` makes it reproducible.
@@ -379,13 +480,27 @@ class ImageTransform:
 
     def __init__(self, image_size: int, channels: int = 3, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, train: bool = False,
-                 augment: bool = False):
+                 augment: bool = False, crop: str = "random", resize: int | None = None,
+                 scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
+        if crop not in TRAIN_CROPS:
+            raise ValueError(f"crop must be one of {', '.join(TRAIN_CROPS)}, got {crop!r}")
+        if resize is not None and int(resize) < int(image_size):
+            raise ValueError(f"resize ({resize}) must be at least image_size ({image_size}): "
+                             f"the centre crop is taken from the resized image")
+        if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
+                             f"got scale={scale}, ratio={ratio}")
         self.image_size, self.channels = int(image_size), channels
         self.augment = bool(train and augment)
+        self.crop = crop
+        self.resize = int(resize) if resize is not None else None
+        self.scale, self.ratio = (float(scale[0]), float(scale[1])), \
+            (float(ratio[0]), float(ratio[1]))
         self.padding = max(1, self.image_size // 8)  # 4 px at 32 px, as in CIFAR training
         self.mean = self.std = None
         if mean is not None:
@@ -404,14 +519,24 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB" if self.channels == 3 else "L")
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+        size = (self.image_size, self.image_size)
+        if self.augment and self.crop == "random_resized":
+            left, top, width, height = self._random_resized_box(*image.size)
+            image = image.resize(size, Image.BILINEAR,
+                                 box=(left, top, left + width, top + height))
+        elif not self.augment and self.resize is not None:
+            image = self._resize_centre_crop(image)
+        elif image.size != size:
+            image = image.resize(size, Image.BILINEAR)
         array = np.asarray(image, dtype=np.uint8)
         if array.ndim == 2:
             array = array[:, :, None]
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
         if self.augment:
-            tensor = self._random_crop_flip(tensor)
+            if self.crop == "random":
+                tensor = self._random_crop_flip(tensor)
+            else:
+                tensor = self._flip(tensor)
         if self.mean is not None:
             tensor = (tensor - self.mean) / self.std
         return tensor
@@ -425,15 +550,61 @@ class ImageTransform:
             tensor = tensor.flip(-1)
         return tensor.contiguous()
 
+    @staticmethod
+    def _flip(tensor: torch.Tensor) -> torch.Tensor:
+        if bool(torch.rand(()) < 0.5):
+            tensor = tensor.flip(-1).contiguous()
+        return tensor
+
+    def _random_resized_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, width, height) of a random crop with area fraction in `scale` and
+        aspect ratio (log-uniform) in `ratio`; after 10 misses, the central crop whose aspect
+        ratio is the nearest one allowed."""
+        area = width * height
+        log_low, log_high = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for _ in range(10):
+            target = area * float(torch.empty(()).uniform_(*self.scale))
+            aspect = math.exp(float(torch.empty(()).uniform_(log_low, log_high)))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, ()))
+                left = int(torch.randint(0, width - w + 1, ()))
+                return left, top, w, h
+        aspect = width / height
+        if aspect < self.ratio[0]:
+            w, h = width, max(1, min(height, int(round(width / self.ratio[0]))))
+        elif aspect > self.ratio[1]:
+            w, h = max(1, min(width, int(round(height * self.ratio[1])))), height
+        else:
+            w, h = width, height
+        return (width - w) // 2, (height - h) // 2, w, h
+
+    def _resize_centre_crop(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        short = self.resize
+        if width <= height:
+            new = (short, max(short, int(short * height / width)))
+        else:
+            new = (max(short, int(short * width / height)), short)
+        if new != image.size:
+            image = image.resize(new, Image.BILINEAR)
+        left = int(round((new[0] - self.image_size) / 2.0))
+        top = int(round((new[1] - self.image_size) / 2.0))
+        return image.crop((left, top, left + self.image_size, top + self.image_size))
+
     def __repr__(self) -> str:
         return (f"ImageTransform(image_size={self.image_size}, channels={self.channels}, "
-                f"augment={self.augment}, normalise={self.mean is not None})")
+                f"augment={self.augment}, crop={self.crop!r}, resize={self.resize}, "
+                f"normalise={self.mean is not None})")
 
 
 def make_transform(image_size: int, channels: int = 3, mean: Sequence[float] | None = None,
                    std: Sequence[float] | None = None, train: bool = False,
-                   augment: bool = False) -> ImageTransform:
-    """The image transform: convert to `channels`, resize to `image_size`, to [0, 1] tensor,
-    random crop (padding image_size // 8) + horizontal flip when `train and augment`, then
-    normalise with `mean`/`std` when given."""
-    return ImageTransform(image_size, channels, mean, std, train, augment)
+                   augment: bool = False, crop: str = "random",
+                   resize: int | None = None) -> ImageTransform:
+    """The image transform (see ImageTransform): convert to `channels`, resize (or resize the
+    shorter side to `resize` and centre-crop, when not augmenting), to a [0, 1] tensor, the
+    `crop` augmentation + horizontal flip when `train and augment`, then normalise with
+    `mean`/`std` when given. The defaults are the CIFAR-style pipeline of earlier releases."""
+    return ImageTransform(image_size, channels, mean, std, train, augment, crop, resize)

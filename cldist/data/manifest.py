@@ -7,8 +7,18 @@ directory), sha256 and sample count. Shards are referenced only through the mani
 dataset can be moved or served from a base URL by changing `Manifest.root`.
 
 Labels: shards store *original* class ids (`cls`). The stream label of a class is its position
-in `class_order`; tasks take consecutive slices of `class_order`, so task t's stream labels are
-`class_offsets()[t] .. class_offsets()[t] + len(classes) - 1`.
+in `class_order`.
+- Class-incremental (`scenario` "class", the default): tasks take consecutive, disjoint slices
+  of `class_order`, so task t's stream labels are
+  `class_offsets()[t] .. class_offsets()[t] + len(classes) - 1`.
+- Domain-incremental (`scenario` "domain"): every task holds every class of `class_order` (in
+  that order) from one domain (`TaskSpec.domain`); the label space is shared, so every task's
+  offset is 0 and its stream labels are `0 .. n_classes - 1`.
+
+Versions: format 1 is class-incremental with square stored images. Format 2 adds `scenario`,
+per-task `domain`, and `image_size: null` (images stored in their original, varying sizes).
+A manifest is written with the oldest version that can express it, so class-incremental
+datasets of square images stay readable by older cldist releases; this one reads both.
 
 `Manifest.load` validates everything and raises `DataError` naming the file and the field.
 """
@@ -26,8 +36,12 @@ from cldist.atomic import write_text_atomic
 from cldist.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this code reads and writes
+READABLE_VERSIONS = (1, 2)
 SPLITS = ("train", "test")
+CLASS_IL, DOMAIN_IL = "class", "domain"
+SCENARIOS = (CLASS_IL, DOMAIN_IL)
+MAX_MANIFEST_BYTES = 256 << 20  # a remote manifest larger than this is refused
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -52,6 +66,7 @@ class TaskSpec:
     classes: list[int]  # original class ids, in stream order
     train: list[ShardInfo]
     test: list[ShardInfo]
+    domain: str | None = None  # domain-incremental streams: the task's domain
 
     @property
     def n_train(self) -> int:
@@ -68,14 +83,17 @@ class TaskSpec:
         return self.train if split == "train" else self.test
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
+        out: dict[str, Any] = {"task_id": self.task_id}
+        if self.domain is not None:  # absent from class-IL tasks: format-1 output unchanged
+            out["domain"] = self.domain
+        out.update({
             "classes": list(self.classes),
             "n_train": self.n_train,
             "n_test": self.n_test,
             "train": [s.to_dict() for s in self.train],
             "test": [s.to_dict() for s in self.test],
-        }
+        })
+        return out
 
 
 @dataclass
@@ -86,13 +104,15 @@ class Manifest:
     n_classes: int
     class_names: list[str]
     class_order: list[int]  # a permutation of range(n_classes); position = stream label
-    order_seed: int | None  # None when the order is the natural one
-    image_size: int  # side of the (square) stored images, in pixels
-    channels: int  # 1 (grayscale) or 3 (RGB) as stored
+    order_seed: int | None  # None when the order is natural or given explicitly
+    # side of the (square) stored images in pixels; None: original files of varying size
+    image_size: int | None
+    channels: int  # 1 (grayscale) or 3 (RGB): what readers convert images to
     tasks: list[TaskSpec]
-    format_version: int = FORMAT_VERSION
+    format_version: int = FORMAT_VERSION  # as read; `to_dict` writes `required_version()`
     # The arguments that produced the dataset, so a rebuild of the same spec is recognised.
     build: dict[str, Any] = field(default_factory=dict)
+    scenario: str = CLASS_IL  # "class" or "domain" incremental (see the module docstring)
     # Where shard paths are relative to: a local directory or a base URL. Not serialised.
     root: str = field(default="", compare=False, repr=False)
 
@@ -100,6 +120,17 @@ class Manifest:
     @property
     def n_tasks(self) -> int:
         return len(self.tasks)
+
+    @property
+    def domain_incremental(self) -> bool:
+        return self.scenario == DOMAIN_IL
+
+    def required_version(self) -> int:
+        """The oldest format that can express this manifest (what `to_dict` writes)."""
+        if self.scenario != CLASS_IL or self.image_size is None \
+                or any(t.domain is not None for t in self.tasks):
+            return 2
+        return 1
 
     def task(self, task_id: int) -> TaskSpec:
         if not 0 <= task_id < len(self.tasks):
@@ -121,7 +152,9 @@ class Manifest:
             raise DataError(f"class {orig_class} is not in the manifest's class order") from None
 
     def class_offsets(self) -> list[int]:
-        """The first stream label of every task."""
+        """The first stream label of every task (all 0 when domain-incremental)."""
+        if self.domain_incremental:
+            return [0] * len(self.tasks)
         offsets, total = [], 0
         for task in self.tasks:
             offsets.append(total)
@@ -129,7 +162,8 @@ class Manifest:
         return offsets
 
     def task_stream_labels(self, task_id: int) -> list[int]:
-        """The (contiguous) stream labels of task `task_id`."""
+        """The (contiguous) stream labels of task `task_id`; in a domain-incremental stream
+        every task has all of them."""
         start = self.class_offsets()[task_id]
         return list(range(start, start + len(self.task(task_id).classes)))
 
@@ -143,8 +177,8 @@ class Manifest:
 
     # ------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": self.format_version,
+        out = {
+            "format_version": self.required_version(),
             "source": self.source,
             "n_classes": self.n_classes,
             "class_names": list(self.class_names),
@@ -156,6 +190,9 @@ class Manifest:
             "tasks": [t.to_dict() for t in self.tasks],
             "build": dict(self.build),
         }
+        if self.scenario != CLASS_IL:  # absent means class-IL: format-1 output unchanged
+            out["scenario"] = self.scenario
+        return out
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `directory/manifest.json` atomically (tmp file + fsync + rename)."""
@@ -175,9 +212,12 @@ class Manifest:
     def load(cls, path: str | os.PathLike, root: str | None = None) -> "Manifest":
         """Read and validate a manifest.
 
-        `path` is a manifest.json or the dataset directory holding one. Shard paths are taken
-        relative to the manifest's directory unless `root` (a directory or base URL) is given.
+        `path` is a manifest.json or the dataset directory holding one, locally or at a URL
+        (http(s), or any scheme `cldist.data.remote` opens). Shard paths are taken relative
+        to the manifest's directory (or URL) unless `root` (a directory or base URL) is given.
         """
+        if _is_url(str(path)):
+            return _load_remote(str(path), root)
         path = Path(path)
         file = path / MANIFEST_NAME if path.is_dir() else path
         if not file.is_file():
@@ -195,6 +235,20 @@ class Manifest:
 # ---------------------------------------------------------------------- helpers
 def _is_url(root: str) -> bool:
     return "://" in root or root.startswith("pipe:")
+
+
+def _load_remote(url: str, root: str | None) -> Manifest:
+    from cldist.data.remote import read_url  # only remote manifests need it
+
+    file = url if url.endswith(".json") else url.rstrip("/") + "/" + MANIFEST_NAME
+    raw = read_url(file, limit=MAX_MANIFEST_BYTES, what="dataset manifest")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"manifest {file} is not readable JSON ({exc}); rebuild the "
+                        f"dataset with `cldist data build`") from None
+    base = root if root is not None else file.rsplit("/", 1)[0]
+    return _parse_manifest(data, root=base, origin=file)
 
 
 def shard_path_problem(path: Any) -> str | None:
@@ -229,10 +283,17 @@ def _parse_manifest(data: Any, root: str, origin: str) -> Manifest:
         problems.append("top level: must be a JSON object")
         raise fail()
     version = data.get("format_version")
-    if version != FORMAT_VERSION or not _is_int(version):
-        problems.append(f"format_version: unknown format_version {version!r} "
-                        f"(this cldist reads {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS or not _is_int(version):
+        problems.append(f"format_version: unknown format_version {version!r} (this cldist "
+                        f"reads {', '.join(map(str, READABLE_VERSIONS))}); upgrade cldist or "
+                        f"rebuild the dataset")
         raise fail()
+    scenario = data.get("scenario", CLASS_IL)
+    if scenario not in SCENARIOS:
+        problems.append(f"scenario: must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
+        scenario = CLASS_IL
+    elif scenario != CLASS_IL and version < 2:
+        problems.append(f"scenario: {scenario!r} needs format_version 2")
 
     def need(name: str, check, what: str):
         if name not in data:
@@ -253,7 +314,11 @@ def _parse_manifest(data: Any, root: str, origin: str) -> Manifest:
     order_seed = data.get("order_seed")
     if order_seed is not None and not _is_int(order_seed):
         problems.append(f"order_seed: must be an integer or null, got {order_seed!r}")
-    image_size = need("image_size", lambda v: _is_int(v) and v > 0, "a positive integer")
+    if version >= 2 and data.get("image_size", 0) is None:
+        image_size = None  # original files of varying size
+    else:
+        image_size = need("image_size", lambda v: _is_int(v) and v > 0,
+                          "a positive integer" + (" or null" if version >= 2 else ""))
     channels = need("channels", lambda v: v in (1, 3) and _is_int(v), "1 or 3")
     build = data.get("build", {})
     if not isinstance(build, dict):
@@ -269,6 +334,7 @@ def _parse_manifest(data: Any, root: str, origin: str) -> Manifest:
 
     tasks: list[TaskSpec] = []
     seen_class: dict[int, int] = {}
+    seen_domains: dict[str, int] = {}
     seen_paths: set[str] = set()
     for t, raw in enumerate(raw_tasks or []):
         where = f"tasks[{t}]"
@@ -277,15 +343,31 @@ def _parse_manifest(data: Any, root: str, origin: str) -> Manifest:
             continue
         if raw.get("task_id") != t or not _is_int(raw.get("task_id")):
             problems.append(f"{where}.task_id: must be {t}, got {raw.get('task_id')!r}")
+        domain = raw.get("domain")
+        if scenario == DOMAIN_IL:
+            if not isinstance(domain, str) or not domain:
+                problems.append(f"{where}.domain: a domain-incremental task needs a domain name")
+            elif domain in seen_domains:
+                problems.append(f"{where}.domain: {domain!r} is also task "
+                                f"{seen_domains[domain]}'s domain")
+            else:
+                seen_domains[domain] = t
+        elif domain is not None:
+            problems.append(f"{where}.domain: only domain-incremental tasks have a domain")
         classes = raw.get("classes")
         if not isinstance(classes, list) or not all(_is_int(c) for c in classes):
             problems.append(f"{where}.classes: must be a list of integers")
             classes = []
         elif not classes:
             problems.append(f"{where}.classes: empty task (no classes)")
+        if scenario == DOMAIN_IL and class_order is not None and classes != class_order:
+            problems.append(f"{where}.classes: a domain-incremental task must hold every class, "
+                            f"in class_order's order")
         for c in classes:
             if n_classes is not None and not 0 <= c < n_classes:
                 problems.append(f"{where}.classes: class {c} is outside 0..{n_classes - 1}")
+            elif scenario == DOMAIN_IL:
+                continue  # classes repeat across tasks by design (checked against class_order)
             elif c in seen_class:
                 other = seen_class[c]
                 problems.append(f"{where}.classes: class {c} is also in "
@@ -321,7 +403,7 @@ def _parse_manifest(data: Any, root: str, origin: str) -> Manifest:
                 shards.append(ShardInfo(path=path, sha256=sha, n_samples=count))
             splits[split] = shards
         task = TaskSpec(task_id=t, classes=list(classes), train=splits["train"],
-                        test=splits["test"])
+                        test=splits["test"], domain=domain if isinstance(domain, str) else None)
         # n_train/n_test are written for people reading the file; they must agree. (Only
         # summed when every count so far is valid.)
         for name, split in (("n_train", "train"), ("n_test", "test")):
@@ -332,8 +414,9 @@ def _parse_manifest(data: Any, root: str, origin: str) -> Manifest:
                                     f"{total}")
         tasks.append(task)
 
-    # Tasks must take consecutive slices of class_order, so stream labels are contiguous.
-    if class_order is not None and not problems:
+    # Class-IL tasks must take consecutive slices of class_order, so stream labels are
+    # contiguous.
+    if scenario == CLASS_IL and class_order is not None and not problems:
         streamed = [c for task in tasks for c in task.classes]
         if streamed != class_order[:len(streamed)]:
             problems.append("tasks: the tasks' classes, concatenated, must equal the start of "
@@ -343,4 +426,4 @@ def _parse_manifest(data: Any, root: str, origin: str) -> Manifest:
     return Manifest(source=source, n_classes=n_classes, class_names=list(class_names),
                     class_order=list(class_order), order_seed=order_seed,
                     image_size=image_size, channels=channels, tasks=tasks,
-                    format_version=version, build=dict(build), root=root)
+                    format_version=version, build=dict(build), scenario=scenario, root=root)

@@ -1,7 +1,8 @@
 """Deterministic webdataset shard writing.
 
 A shard is a plain (uncompressed, USTAR) tar in webdataset layout: every sample is the
-members `KEY.png` (PNG bytes) and `KEY.cls` (the original class id as ASCII decimal). Every
+members `KEY.png` (PNG bytes; or `KEY.jpg` / `KEY.webp` when an original file is stored as it
+is) and `KEY.cls` (the original class id as ASCII decimal). Every
 tar header field that could vary between machines or runs - mtime, uid/gid, user/group names,
 mode - is fixed, and PNGs are encoded with fixed settings, so the same input gives
 byte-identical shards and therefore the same sha256 (given the same Python, Pillow and zlib,
@@ -28,6 +29,8 @@ from cldist.data.manifest import ShardInfo
 _TAR_MTIME = 0
 _TAR_MODE = 0o444
 _PNG_COMPRESS_LEVEL = 6
+# Member extension the builder writes -> the PIL format readers decode it with.
+STORED_IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 
 def shard_relpath(split: str, task_id: int, index: int) -> str:
@@ -66,11 +69,12 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, bytes, int]]) -> int:
-    """Write `(key, png_bytes, class_id)` samples to the tar at `path`; return the count.
+def write_shard(path: str | os.PathLike, samples: Iterable[tuple]) -> int:
+    """Write samples to the tar at `path`; return the count.
 
-    Keys must be unique and contain no '.' or '/' (webdataset splits member names at the
-    first dot of the base name).
+    A sample is `(key, png_bytes, class_id)` or `(key, image_bytes, class_id, ext)` with `ext`
+    one of STORED_IMAGE_FORMATS. Keys must be unique and contain no '.' or '/' (webdataset
+    splits member names at the first dot of the base name).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -78,11 +82,15 @@ def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, bytes, int
     try:
         with open(tmp, "wb") as raw:
             with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, png, class_id in samples:
+                for sample in samples:
+                    key, image, class_id = sample[:3]
+                    ext = sample[3] if len(sample) > 3 else "png"
                     if not key or "." in key or "/" in key:
                         raise ValueError(f"invalid sample key {key!r}")
+                    if ext not in STORED_IMAGE_FORMATS:
+                        raise ValueError(f"invalid image extension {ext!r}")
                     label = str(int(class_id)).encode("ascii")
-                    tar.addfile(_tarinfo(f"{key}.png", len(png)), io.BytesIO(png))
+                    tar.addfile(_tarinfo(f"{key}.{ext}", len(image)), io.BytesIO(image))
                     tar.addfile(_tarinfo(f"{key}.cls", len(label)), io.BytesIO(label))
                     count += 1
             raw.flush()
@@ -93,6 +101,25 @@ def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, bytes, int
             tmp.unlink()
         raise
     return count
+
+
+def read_shard_index(path: str | os.PathLike) -> list[tuple[str, int]] | None:
+    """`(key, class_id)` of every sample in a shard this module wrote, in order; None when the
+    file is not such a shard (unreadable, truncated, foreign members). Images are not read."""
+    index: list[tuple[str, int]] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                if not info.isreg():
+                    return None
+                if ext == "cls":
+                    index.append((key, int(tar.extractfile(info).read().decode("ascii"))))
+                elif ext not in STORED_IMAGE_FORMATS:
+                    return None
+    except (OSError, tarfile.TarError, ValueError, UnicodeDecodeError):
+        return None
+    return index
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:

@@ -1,4 +1,4 @@
-"""Check a built dataset against its manifest (`cldist data verify DIR`).
+"""Check a built dataset against its manifest (`cldist data verify DIR`; DIR may be a URL).
 
 Every shard listed in the manifest is checked for presence, sha256, readable tar structure,
 allowed members only (images and `cls`), labels inside its task, a decodable image in every
@@ -15,7 +15,8 @@ from cldist.errors import DataError
 
 
 def verify_dataset(directory: str | os.PathLike, decode_images: bool = True) -> list[str]:
-    """Problems found in the dataset at `directory`; empty when every shard is good.
+    """Problems found in the dataset at `directory` (a path or URL); empty when every shard is
+    good.
 
     A manifest that cannot be loaded raises DataError (there is nothing to check against).
     `decode_images=False` skips full image decoding (faster; structure and labels only).
