@@ -1,4 +1,4 @@
-"""Reporting: TensorBoard logging, progress lines, summary tables, plots and report.md.
+"""Reporting: TensorBoard logging, live progress, summary tables, plots, report.md/.html.
 
 Names are imported lazily so `import cldist.report` stays cheap: the TensorBoard writer pulls
 in torch, and the plots pull in matplotlib, only when used.
@@ -20,6 +20,7 @@ _EXPORTS = {
     "write_report": "cldist.report.report",
     "write_comparison": "cldist.report.report",
     "load_metrics": "cldist.report.report",
+    "html_path": "cldist.report.report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 110
 # Beyond these sizes numbers inside heatmap cells become unreadable; colour alone remains.
@@ -148,7 +149,9 @@ def plot_rank_heatmap(ranks: Mapping[str, Mapping[str, int]], path: str | Path,
     axis = figure.add_subplot()
     image = axis.imshow(np.ma.masked_invalid(grid), cmap="magma", aspect="auto",
                         interpolation="nearest")
-    figure.colorbar(image, ax=axis, label="rank")
+    colorbar = figure.colorbar(image, ax=axis, label="rank")
+    colorbar.locator = MaxNLocator(integer=True)  # ranks are whole numbers
+    colorbar.update_ticks()
     if grid.size <= MAX_ANNOTATED_CELLS:
         top = np.nanmax(grid) if np.isfinite(grid).any() else 0.0
         for row in range(len(layers)):
@@ -193,16 +196,67 @@ def plot_params_per_task(params_per_task: Sequence[int], path: str | Path,
 
 
 def plot_eval_time(seconds_per_image: Sequence[float], path: str | Path,
-                   title: str = "Inference time per test image") -> Path:
-    """Evaluation cost after each task (grows with T for methods that run every sub-network)."""
+                   tasks_seen: Sequence[int] | None = None,
+                   title: str = "Evaluation cost per test image") -> Path:
+    """Evaluation cost per test image against the number of tasks seen.
+
+    `tasks_seen[k]` is how many tasks the k-th evaluation covered. Without it the points are
+    drawn at evaluation steps 1, 2, ... (equal to tasks seen when every task had its own
+    evaluation). The cost grows with T for methods that run every task's sub-network.
+    """
     values = [1000.0 * float(v) for v in seconds_per_image]
+    if tasks_seen is not None and len(tasks_seen) == len(values):
+        xs, xlabel = [int(x) for x in tasks_seen], "tasks seen"
+    else:
+        xs, xlabel = list(range(1, len(values) + 1)), "evaluation step"
     figure = _new_figure(7.0, 4.0)
     axis = figure.add_subplot()
-    axis.plot(range(len(values)), values, marker="o", markersize=4, color="tab:green")
-    axis.set_xlabel("after training task t")
-    axis.set_ylabel("ms per image")
+    axis.plot(xs, values, marker="o", markersize=4, color="tab:green")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("ms per test image")
     axis.set_ylim(bottom=0)
-    _task_ticks(axis, max(1, len(values)), "x")
+    _integer_ticks(axis, xs)
     axis.grid(True, alpha=0.3)
     axis.set_title(title)
     return _save(figure, path)
+
+
+def plot_band_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float],
+                                                Sequence[float] | None]],
+                     path: str | Path, xlabel: str, ylabel: str, title: str,
+                     ylim: tuple[float, float] | None = None) -> Path:
+    """Overlaid curves `{label: (xs, mean, std)}`, each with a shaded mean ± std band.
+
+    `std` is None (or all zeros) for a single run: the line is drawn without a band.
+    """
+    figure = _new_figure(7.5, 4.5)
+    axis = figure.add_subplot()
+    all_xs: list[float] = []
+    for label, (xs, mean, std) in curves.items():
+        xs = np.asarray([float(x) for x in xs])
+        mean = np.asarray([float(v) for v in mean])
+        all_xs.extend(xs.tolist())
+        (line,) = axis.plot(xs, mean, marker="o", markersize=3, label=label)
+        if std is not None:
+            std = np.asarray([float(v) for v in std])
+            if np.any(std > 0):
+                axis.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    if ylim is not None:
+        axis.set_ylim(*ylim)
+    else:
+        axis.set_ylim(bottom=0)
+    if all_xs:
+        _integer_ticks(axis, all_xs)
+    axis.grid(True, alpha=0.3)
+    axis.legend(loc="best", fontsize=8)
+    axis.set_title(title)
+    return _save(figure, path)
+
+
+def _integer_ticks(axis, xs: Sequence[float]) -> None:
+    """Integer x ticks over the range of `xs`, thinned to about 20."""
+    low, high = int(math.floor(min(xs))), int(math.ceil(max(xs)))
+    step = max(1, math.ceil((high - low + 1) / 20))
+    axis.set_xticks(list(range(low, high + 1, step)))

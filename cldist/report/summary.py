@@ -161,3 +161,15 @@ def _comparison_rows(list_of_metrics: Sequence[Mapping[str, Any]],
     if len(labels) != len(rows):
         raise ValueError(f"{len(labels)} labels for {len(rows)} runs")
     return ["run"] + SUMMARY_COLUMNS, [[str(label)] + row for label, row in zip(labels, rows)]
+
+
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"trainer": {"epochs": 2}}` -> `{"trainer.epochs": 2}`."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_config(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat

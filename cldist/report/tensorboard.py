@@ -6,6 +6,10 @@ Tag layout (what users filter on in TensorBoard):
 - `ranks/{layer}`, `ranks/total`                                   step = task id
 - `hparam/{metric}` plus the HParams plugin record                 written once at the end
 Task ids in train tags are zero-padded to three digits (`task_003`) so they sort in the UI.
+
+`cldist report` adds a second TensorBoard run, `RUN/tb/report/` (see report.py): the report's
+figures as images `report/{figure}`, and `params/added`, `params/cumulative`,
+`eval/ms_per_image` by task.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from cldist.report.summary import flatten_config
 
 
 class TensorBoardLogger:
@@ -35,17 +41,19 @@ class TensorBoardLogger:
     # ------------------------------------------------------------------ training
 
     def log_epoch(self, task_id: int, phase: str, epoch: int, global_step: int,
-                  loss: float, lr: float) -> None:
+                  loss: float, lr: float | None) -> None:
         """End-of-epoch training loss and learning rate of one task's phase (e.g. `stage2`).
 
         `epoch` is recorded as `train/task_{TTT}/{phase}/epoch` so the x axis (global step) can
-        be mapped back to epochs.
+        be mapped back to epochs. `lr` None (not known) writes no lr point rather than a
+        misleading 0.
         """
         prefix = f"train/task_{int(task_id):03d}/{phase}"
         with self._lock:
             self._check_open()
             self._writer.add_scalar(f"{prefix}/loss", float(loss), int(global_step))
-            self._writer.add_scalar(f"{prefix}/lr", float(lr), int(global_step))
+            if lr is not None:
+                self._writer.add_scalar(f"{prefix}/lr", float(lr), int(global_step))
             self._writer.add_scalar(f"{prefix}/epoch", float(epoch), int(global_step))
 
     def log_scalar(self, tag: str, value: float, step: int) -> None:
@@ -89,7 +97,7 @@ class TensorBoardLogger:
         run's own event file rather than a timestamped sub-directory (`add_hparams`' default).
         """
         flat_hparams = {key: _hparam_value(value)
-                        for key, value in _flatten(dict(hparams)).items()}
+                        for key, value in flatten_config(dict(hparams)).items()}
         metric_tags = {f"hparam/{name}": float(value) for name, value in final_metrics.items()
                        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool)}
         experiment, session_start, session_end = hparams_summary(flat_hparams, metric_tags)
@@ -135,17 +143,6 @@ class TensorBoardLogger:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"TensorBoardLogger({self.log_dir}) is closed")
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix=f"{name}."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _hparam_value(value: Any):
