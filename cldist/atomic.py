@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import StorageError
+
 
 def fsync_dir(directory: str | os.PathLike) -> None:
     """Persist renames in `directory` (a no-op where directories cannot be opened/synced)."""
@@ -27,26 +29,47 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _write_and_sync(fh, data: bytes) -> None:
+    """Write `data` and force it to the disk: where a full disk or quota shows up."""
+    fh.write(data)
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace `path` with `data` atomically; a failed write leaves the old file and no tmp.
+
+    An OSError (disk full, quota, read-only or forbidden directory) becomes a StorageError
+    naming the file, so the CLI reports it in one line instead of a traceback.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _storage_error(path, e) from None
     try:
         # mkstemp creates 0600; give the file the permissions a plain open() would
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            _write_and_sync(fh, data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _storage_error(path, e) from None
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _storage_error(path: Path, e: OSError) -> StorageError:
+    reason = e.strerror or str(e)
+    return StorageError(f"cannot write {path}: {reason}; free space on that file system (or "
+                        f"fix its permissions) and retry")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -3,6 +3,10 @@
 A `UserError` is a problem the user can fix (a bad override, a missing data root, a
 manifest that does not match its shards). The CLI prints its message alone - no traceback -
 and exits with status 2. The message must name the culprit and the fix.
+
+When such an error stops a run that already has a run directory, the stream driver records
+the directory on the error (`stopped_run`), and the message ends with the command that
+continues the run once the cause is fixed.
 """
 from __future__ import annotations
 
@@ -11,10 +15,28 @@ class UserError(Exception):
     """A problem with the user's input; the message names the culprit and the fix."""
 
     exit_code = 2
+    # set by the stream driver: the run directory this error stopped, its finished tasks
+    stopped_run: str | None = None
+    finished_tasks: list[int] | None = None
+    # what `cldist resume` needs besides the directory to get past this error, if anything
+    resume_overrides: str = ""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.stopped_run is None:
+            return text
+        done = "" if self.finished_tasks is None else f" (finished tasks: {self.finished_tasks})"
+        args = f" {self.resume_overrides}" if self.resume_overrides else ""
+        return (f"{text}\nthe run stopped at a task boundary{done}; once that is fixed, "
+                f"`cldist resume {self.stopped_run}{args}` continues it")
 
 
 class DataError(UserError):
     """A shard, manifest or data root that cannot be used as it is."""
+
+
+class StorageError(UserError):
+    """A file cldist must write cannot be written (disk full, quota, permissions)."""
 
 
 class ConfigError(UserError):

@@ -7,8 +7,10 @@ choices.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -50,17 +52,49 @@ def compose(overrides: list[str]) -> RunConfig:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             raw = hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError([_explain(str(e))]) from None
+        # Hydra wraps the useful OmegaConf error ("Error merging override X"): read both
+        cause = f"{e.__cause__}\n" if e.__cause__ is not None else ""
+        raise ConfigError([_explain(cause + str(e))]) from None
     finally:
         GlobalHydra.instance().clear()
     data = OmegaConf.to_container(raw, resolve=True)
-    schema = OmegaConf.structured(RunConfig)
+    return config_from_dict(data)
+
+
+def config_from_dict(data, origin: str | None = None) -> RunConfig:
+    """A validated RunConfig from plain data (Hydra's output, or a run's config.json).
+
+    The data is merged into the typed schema first, so an unknown key or a value of the wrong
+    type is a ConfigError naming the key (and `origin`, the file it came from) rather than a
+    TypeError deep inside; keys the data lacks take their defaults (a run written by an older
+    cldist). Then `validate` checks the values.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+    where = f"{origin}: " if origin else ""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{where}must be a JSON object of config sections"])
     try:
-        merged = OmegaConf.merge(schema, data)
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
     except OmegaConfBaseException as e:
-        raise ConfigError([_explain(str(e))]) from None
-    cfg = RunConfig.from_dict(OmegaConf.to_container(merged, resolve=True))
-    return validate(cfg)
+        raise ConfigError([where + _explain(str(e))]) from None
+    return validate(RunConfig.from_dict(OmegaConf.to_container(merged, resolve=True)))
+
+
+def config_keys() -> list[str]:
+    """Every dotted key of the run config (`trainer.epochs`, `seed`, ...)."""
+    def walk(obj, prefix: str):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                yield from walk(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+    return list(walk(RunConfig(), ""))
+
+
+def did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, config_keys(), n=2, cutoff=0.8)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def _check_groups(overrides: list[str]) -> list[str]:
@@ -79,12 +113,17 @@ def _check_groups(overrides: list[str]) -> list[str]:
 
 
 def _explain(msg: str) -> str:
-    m = re.search(r"Key '([^']+)' is not in struct", msg) or re.search(r"Could not override '([^']+)'", msg)
+    """One line from an OmegaConf/Hydra error: the key it is about, and what is wrong."""
     first = msg.strip().splitlines()[0]
-    if m:
-        key = m.group(1)
-        return (f"override {key!r} does not exist ({first}); see `cldist run --help` for the "
-                f"config keys")
+    full = re.search(r"full_key: (\S+)", msg)
+    unknown = re.search(r"Key '([^']+)' (?:is )?not in", msg) or \
+        re.search(r"Could not override '([^']+)'", msg)
+    if unknown:
+        key = full.group(1) if full else unknown.group(1)
+        return (f"key {key!r} does not exist{did_you_mean(key)}; see `cldist run --help` "
+                f"for the config keys")
+    if full:
+        return f"{full.group(1)}: {first}"
     return first
 
 

@@ -20,10 +20,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..atomic import fsync_dir, write_json_atomic
-from ..errors import UserError
+from ..errors import StorageError, UserError
 
 STATE_FILE = "state.json"
 REFERENCE_FILE = "reference.safetensors"
@@ -36,15 +37,27 @@ def task_dir(run_dir, task_id: int) -> Path:
 def write_task_dir(staging: Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict,
                    reference: dict[str, torch.Tensor] | None = None) -> None:
     """Write a finished task's files into `staging` (fsynced, not yet visible as finished)."""
-    staging.mkdir(parents=True, exist_ok=False)
-    for stem, group in tensors.items():
-        save_file({k: v.contiguous() for k, v in group.items()}, str(staging / f"{stem}.safetensors"))
-    if reference is not None:
-        save_file({k: v.contiguous() for k, v in reference.items()}, str(staging / REFERENCE_FILE))
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=float))
-    for f in staging.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    # meta.json lists the tensor files, so a reader can tell a missing one from an old layout
+    meta = {**meta, "tensor_files": sorted(f"{stem}.safetensors" for stem in tensors)}
+    target = staging
+    try:
+        staging.mkdir(parents=True, exist_ok=False)
+        for stem, group in tensors.items():
+            target = staging / f"{stem}.safetensors"
+            save_file({k: v.contiguous() for k, v in group.items()}, str(target))
+        if reference is not None:
+            target = staging / REFERENCE_FILE
+            save_file({k: v.contiguous() for k, v in reference.items()}, str(target))
+        target = staging / "meta.json"
+        target.write_text(json.dumps(meta, indent=2, sort_keys=True, default=float))
+        for f in staging.iterdir():
+            target = f
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except (OSError, SafetensorError) as e:  # a full disk, most likely: name the file
+        reason = getattr(e, "strerror", None) or str(e)
+        raise StorageError(f"cannot write {target}: {reason}; free space on that file system "
+                           f"and retry") from None
     fsync_dir(staging)
 
 
@@ -77,64 +90,182 @@ def clean_staging(run_dir) -> list[str]:
     return removed
 
 
+def _retrain_hint(run_dir, task_id: int) -> str:
+    return (f"delete {task_dir(run_dir, task_id)} and `cldist resume {run_dir}`: it retrains "
+            f"task {task_id} and the finished tasks that depend on it")
+
+
 def load_task_tensors(run_dir, task_id: int) -> dict[str, dict[str, torch.Tensor]]:
+    """A finished task's tensors by file stem. Only safetensors are read: a file of any other
+    kind in the task's directory (a torch.save pickle, say) is refused, never loaded."""
     d = task_dir(run_dir, task_id)
     if not d.is_dir():
         raise UserError(f"task {task_id} has no files in {d}; the run directory is incomplete - "
                         f"`cldist resume {run_dir}` retrains it")
+    expected: list[str] = []
+    for f in sorted(d.iterdir()):
+        if f.name.startswith("."):  # NFS silly-renames and editor droppings, never ours
+            continue
+        if f.name == "meta.json":
+            try:
+                expected = list(json.loads(f.read_text()).get("tensor_files", []))
+            except (OSError, ValueError, AttributeError) as e:
+                raise UserError(f"{f} is not a readable JSON object ({e}); "
+                                f"{_retrain_hint(run_dir, task_id)}") from None
+        elif f.suffix != ".safetensors" or not f.is_file():
+            raise UserError(f"{f} is not a safetensors file; cldist writes only safetensors and "
+                            f"meta.json into a task's directory and never unpickles a "
+                            f"checkpoint; {_retrain_hint(run_dir, task_id)}")
+    for name in expected:
+        if not (d / name).is_file():
+            raise UserError(f"{d / name} is missing; {_retrain_hint(run_dir, task_id)}")
     out = {}
     for f in sorted(d.glob("*.safetensors")):
         try:
             out[f.stem] = load_file(str(f))
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"{f} is not a readable safetensors file ({e}); delete tasks/"
-                            f"{task_id:03d} and `cldist resume` to retrain the task") from e
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise UserError(f"{f} is not a readable safetensors file ({e}); "
+                            f"{_retrain_hint(run_dir, task_id)}") from None
     return out
 
 
 def load_reference(run_dir) -> dict[str, torch.Tensor] | None:
     p = Path(run_dir) / REFERENCE_FILE
-    return load_file(str(p)) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        return load_file(str(p))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise UserError(f"{p} is not a readable safetensors file ({e}); every task starts "
+                        f"from it: {_retrain_hint(run_dir, 0)}") from None
+
+
+def _state_problem(data) -> str | None:
+    """What is wrong with state.json's content (None when it has the shape cldist writes)."""
+    if not isinstance(data, dict):
+        return "must be a JSON object"
+    done = data.get("completed_tasks", [])
+    if not isinstance(done, list):
+        return f"completed_tasks must be a list of task numbers, not {done!r}"
+    bad = [t for t in done if not isinstance(t, int) or isinstance(t, bool) or t < 0]
+    if bad:
+        return f"completed_tasks holds {', '.join(repr(t) for t in bad)}, which are not task numbers"
+    for key in ("ranks", "params_per_task", "task_meta"):
+        if not isinstance(data.get(key, {}), dict):
+            return f"{key} must be a JSON object"
+    rows = data.get("accuracy_matrix", [])
+    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+        return "accuracy_matrix must be a list of rows"
+    return None
 
 
 class RunState:
-    """`state.json`: which tasks are finished, their ranks and meta, the accuracy matrix."""
+    """`state.json`: which tasks are finished, their ranks and meta, the accuracy matrix.
+
+    Every change is written first and applied in memory only once the write succeeded, so
+    that after a failed write (a full disk) memory and disk still agree.
+    """
 
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / STATE_FILE
         self.data = {"completed_tasks": [], "ranks": {}, "params_per_task": {},
                      "accuracy_matrix": [], "task_meta": {}, "status": "running"}
-        if self.path.is_file():
-            try:
-                self.data.update(json.loads(self.path.read_text()))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{self.path} is not valid JSON ({e}); the run directory is "
-                                f"damaged") from e
+        damaged = "the run directory is damaged: restore the file from a backup or start a new run"
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise UserError(f"cannot read {self.path} ({e.strerror or e}); check the run "
+                            f"directory's permissions") from None
+        try:
+            loaded = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"{self.path} is not valid JSON ({e}); {damaged}") from None
+        problem = _state_problem(loaded)
+        if problem:
+            raise UserError(f"{self.path}: {problem}; {damaged}")
+        self.data.update(loaded)
 
     @property
     def completed(self) -> list[int]:
         return list(self.data["completed_tasks"])
 
     def record_task(self, task_id: int, meta: dict) -> None:
-        done = set(self.data["completed_tasks"]) | {task_id}
-        self.data["completed_tasks"] = sorted(done)
-        self.data["ranks"][str(task_id)] = meta.get("ranks", {})
-        self.data["params_per_task"][str(task_id)] = int(meta.get("params_added", 0))
         slim = {k: v for k, v in meta.items() if k not in ("ranks", "staging_dir")}
-        self.data["task_meta"][str(task_id)] = slim
-        self.save()
+        key = str(task_id)
+        self._update(completed_tasks=sorted(set(self.data["completed_tasks"]) | {task_id}),
+                     ranks={**self.data["ranks"], key: meta.get("ranks", {})},
+                     params_per_task={**self.data["params_per_task"],
+                                      key: int(meta.get("params_added", 0))},
+                     task_meta={**self.data["task_meta"], key: slim})
 
     def set_rows(self, rows: list[list[float]]) -> None:
-        self.data["accuracy_matrix"] = rows
-        self.save()
+        self._update(accuracy_matrix=rows)
 
     def set(self, key: str, value) -> None:
-        self.data[key] = value
-        self.save()
+        self._update(**{key: value})
+
+    def _update(self, **changes) -> None:
+        new = {**self.data, **changes}
+        write_json_atomic(self.path, new)
+        self.data = new
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
+
+
+def prepare_resume(run_dir, deps: dict[int, list[int]], n_tasks: int) -> list[str]:
+    """Bring a run directory back to a consistent task boundary before a resume.
+
+    state.json is the truth (it is written last when a task commits), so:
+      - staging leftovers and task directories that state.json does not list (committed just
+        before a crash or a full disk stopped the state write) are removed: retrained;
+      - a task state.json lists but whose files are gone (a user deleted a damaged task, as
+        the error messages suggest) is retrained, and so is every finished task that depends
+        on it, since those were trained on top of the old files.
+    Checks state.json first and changes nothing when it is damaged. Returns what was done.
+    """
+    run_dir = Path(run_dir)
+    state = RunState(run_dir)
+    done = set(state.completed)
+    unknown = sorted(t for t in done if t >= n_tasks)
+    if unknown:
+        raise UserError(f"{state.path}: completed_tasks lists {unknown}, but the run has tasks "
+                        f"0..{n_tasks - 1} only; the run directory is damaged: restore the file "
+                        f"from a backup or start a new run")
+    notes = [f"removed unfinished task files: {name}" for name in clean_staging(run_dir)]
+    tasks = run_dir / "tasks"
+    if tasks.is_dir():
+        for d in sorted(tasks.iterdir()):
+            if d.is_dir() and d.name.isdigit() and int(d.name) not in done:
+                shutil.rmtree(d)
+                notes.append(f"task {int(d.name)} was committed but never recorded in "
+                             f"state.json: retraining it")
+    missing = {t for t in done if not task_dir(run_dir, t).is_dir()}
+    made_reference = bool(state.data["task_meta"].get("0", {}).get("reference"))
+    if 0 in done and made_reference and not (run_dir / REFERENCE_FILE).is_file():
+        missing.add(0)
+    invalid = set(missing)
+    changed = True
+    while changed:  # every finished task that depends, directly or not, on an invalid one
+        changed = False
+        for t in sorted(done - invalid):
+            if any(d in invalid for d in deps.get(t, [])):
+                invalid.add(t)
+                changed = True
+    if not invalid:
+        return notes
+    for t in sorted(invalid - missing):
+        shutil.rmtree(task_dir(run_dir, t), ignore_errors=True)
+    first = min(invalid)
+    state._update(completed_tasks=sorted(done - invalid),
+                  accuracy_matrix=state.data["accuracy_matrix"][:first])  # row r needs 0..r
+    notes.append(f"tasks {sorted(missing)} have no files: retraining them"
+                 + (f" and the tasks that depend on them {sorted(invalid - missing)}"
+                    if invalid - missing else ""))
+    return notes
 
 
 RUN_MANIFEST = "manifest.json"
@@ -152,5 +283,10 @@ def load_run_manifest(run_dir):
     path = Path(run_dir) / RUN_MANIFEST
     if not path.is_file():
         raise UserError(f"{path} is missing; {run_dir} is not a cldist run directory")
-    root = json.loads(path.read_text()).get("shard_root")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}); the run directory is damaged: restore the "
+                        f"file from a backup or start a new run") from None
+    root = data.get("shard_root") if isinstance(data, dict) else None
     return Manifest.load(path, root=root)

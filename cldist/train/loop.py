@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..methods.base import FitRequest
 from .engine import StepEngine
 
@@ -20,19 +21,29 @@ MakeEngine = Callable[[nn.Module, list, float, float, int], StepEngine]
 OnEpoch = Callable[[str, int, int, float, float], None]
 
 
-class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN/inf loss; the message names the task, phase and step."""
+class NonFiniteLoss(UserError):
+    """Training produced a NaN/inf loss; the message names the task, phase, step and lr.
+
+    A user error: almost always a learning rate too high for the data (or bad data), fixed
+    by resuming with a lower one - the stream driver adds the resume command.
+    """
 
 
 def fit(model: nn.Module, request: FitRequest,
         batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
         steps_per_epoch: int, make_engine: MakeEngine, device: torch.device,
-        on_epoch: OnEpoch | None = None, task_id: int = -1) -> dict:
-    """Train `request.params` for `request.epochs` epochs; returns per-epoch losses and timing."""
+        on_epoch: OnEpoch | None = None, task_id: int = -1, lr_key: str | None = None) -> dict:
+    """Train `request.params` for `request.epochs` epochs; returns per-epoch losses and timing.
+
+    `lr_key` names the config key `request.lr` came from, for the NaN message.
+    """
     total_steps = max(1, request.epochs * steps_per_epoch)
+    begin = time.perf_counter()
     engine = make_engine(model, request.params, request.lr, request.weight_decay, total_steps)
+    engine_seconds = time.perf_counter() - begin  # DeepSpeed's start-up, for the benchmarks
     model.train()
     losses: list[float] = []
+    lrs: list[float] = []
     step = 0
     start = time.perf_counter()
     for epoch in range(request.epochs):
@@ -43,9 +54,13 @@ def fit(model: nn.Module, request: FitRequest,
             loss = request.loss_fn(logits.float(), labels)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f"task {task_id} {request.phase}: loss became {loss_value} at "
-                                    f"step {step}; lower the learning rate (method.lr / "
-                                    f"method.stage1_lr) or check the data")
+                key = lr_key or "method.lr / method.stage1_lr"
+                err = NonFiniteLoss(f"task {task_id}, phase {request.phase}: the loss became "
+                                    f"{loss_value} at step {step} with learning rate "
+                                    f"{request.lr:g}; lower {key} (or check the data)")
+                err.resume_overrides = f"--allow-lr-change {lr_key}=LOWER" if lr_key else \
+                    "--allow-lr-change method.lr=LOWER"
+                raise err
             engine.backward_and_step(loss)
             if request.after_step is not None:
                 request.after_step(step, total_steps)
@@ -54,10 +69,12 @@ def fit(model: nn.Module, request: FitRequest,
             step += 1
         epoch_loss = running / max(1, seen)
         losses.append(epoch_loss)
+        lrs.append(engine.lr())
         if on_epoch is not None:
-            on_epoch(request.phase, epoch, request.epochs, epoch_loss, engine.lr())
+            on_epoch(request.phase, epoch, request.epochs, epoch_loss, lrs[-1])
     engine.finish()
     model.eval()
     return {"phase": request.phase, "epochs": request.epochs, "steps": step,
-            "losses": losses, "seconds": time.perf_counter() - start,
+            "losses": losses, "lrs": lrs, "seconds": time.perf_counter() - start,
+            "engine_seconds": engine_seconds,
             "trainable_params": int(sum(p.numel() for p in request.params))}
