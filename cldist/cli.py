@@ -3,9 +3,12 @@
     cldist run [HYDRA OVERRIDES...]          train + evaluate a stream, print the summary table
     cldist resume RUN_DIR                    continue an interrupted run
     cldist eval RUN_DIR                      re-score a finished run from its run directory
-    cldist report RUN_DIR [RUN_DIR...]       report.md with plots; several = comparison
+    cldist report RUN_DIR [RUN_DIR...]       report.md + report.html with plots; several = comparison
     cldist data build --source NAME --out DIR [--root PATH] [--tasks N] [--seed S] [--image-size PX]
+                      [--class-order LIST|FILE] [--classes-per-task N,N,...] [--split-file PATH]
+                      [--scenario class|domain] [--domains D,...] [--workers N]
     cldist data verify DIR                   check every shard against the manifest
+    cldist bench [NAME...]                   the benchmark suite (docs/BENCHMARKS.md)
 
 A bad option or override fails with one message naming it and the valid choices, exit 2.
 """
@@ -18,8 +21,20 @@ from pathlib import Path
 
 from .errors import UserError
 
+# Where and how the rest of a run executes may change on resume; what it computes may not.
 RESUME_OVERRIDABLE = ("cluster.", "trainer.max_concurrent_tasks", "trainer.max_failures",
                       "runner", "report")
+# ...and, with --allow-lr-change, the learning rates: lowering one is the fix a NaN loss asks
+# for, and restarting a long stream for it would throw away every finished task. It changes
+# what the run computes, hence the explicit flag; the new value is written into the run's
+# config, and state.json records which tasks had finished before it.
+RESUME_LR_KEYS = ("method.lr", "method.stage1_lr")
+LR_FLAG = "--allow-lr-change"
+
+
+def _resume_may_change(key: str, allow_lr: bool) -> bool:
+    keys = RESUME_OVERRIDABLE + (RESUME_LR_KEYS if allow_lr else ())
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,29 +75,107 @@ def build_parser() -> argparse.ArgumentParser:
     res = sub.add_parser("resume", help="continue an interrupted run from its last finished task")
     res.add_argument("run_dir")
     res.add_argument("overrides", nargs="*",
-                     help=f"only {', '.join(RESUME_OVERRIDABLE)} may change on resume")
+                     help=f"only {', '.join(RESUME_OVERRIDABLE)} may change on resume "
+                          f"(and {', '.join(RESUME_LR_KEYS)} with {LR_FLAG})")
+    res.add_argument(LR_FLAG, action="store_true",
+                     help="accept new learning rates for the tasks not finished yet (the way "
+                          "past a NaN loss); recorded in config.json and state.json")
     ev = sub.add_parser("eval", help="re-score a finished run from its run directory (Class-IL)")
     ev.add_argument("run_dir")
     ev.add_argument("--split", default="test", choices=["test"])
-    rep = sub.add_parser("report", help="write report.md with plots; several runs = comparison")
+    rep = sub.add_parser("report", help="write report.md + report.html with plots; several "
+                                         "runs = comparison (mean ± std over seeds)")
     rep.add_argument("run_dirs", nargs="+")
-    rep.add_argument("--out", default=None, help="comparison output (default: first run's "
+    rep.add_argument("--out", default=None, help="comparison output .md, an .html is written "
+                                                 "beside it (default: first run's "
                                                  "parent/comparison.md)")
+    rep.add_argument("--no-tensorboard", action="store_true",
+                     help="single run: do not write the figures to RUN_DIR/tb/report/")
+    bench = sub.add_parser("bench", help="the benchmark suite (docs/BENCHMARKS.md)")
+    bench.add_argument("names", nargs="*", metavar="NAME",
+                       help="scheduling, eval, svd, stream100 (default: all)")
+    bench.add_argument("--out", default="runs/bench", help="where NAME.json files go")
     data = sub.add_parser("data", help="build or verify webdataset shards")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    b = dsub.add_parser("build", help="convert a dataset into per-task shards + manifest.json")
+    b = dsub.add_parser("build", help="convert a dataset into per-task shards + manifest.json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="sources (layouts and download links: docs/DATA.md):\n"
+                               + _source_help())
     b.add_argument("--source", required=True, choices=_sources())
     b.add_argument("--out", required=True)
     b.add_argument("--root", default=None, help="where the raw dataset lies")
-    b.add_argument("--tasks", type=int, default=5)
-    b.add_argument("--seed", type=int, default=1993, help="class-order seed (1993: the LoRA papers')")
+    b.add_argument("--tasks", type=int, default=None,
+                   help="split the classes into N equal tasks (default 5)")
+    b.add_argument("--classes-per-task", type=_int_list, default=None, metavar="N,N,...",
+                   help="explicit task sizes instead of --tasks, e.g. 10,5,5")
+    b.add_argument("--seed", type=int, default=1993,
+                   help="class-order and subsampling seed (1993: the LoRA papers')")
     b.add_argument("--order", default="seeded", choices=["seeded", "natural"])
-    b.add_argument("--image-size", type=int, default=None, help="store images resized to PX")
+    b.add_argument("--class-order", default=None, metavar="LIST|FILE",
+                   help="explicit class order: comma-separated class ids or names, or a file "
+                        "of them (one per line or comma-separated)")
+    b.add_argument("--image-size", type=_image_size, default=None, metavar="PX|original",
+                   help="store images resized to PX x PX PNGs, or 'original' to keep the "
+                        "image files as they are (default: native size; original files for "
+                        "photo sources)")
     b.add_argument("--max-train-per-class", type=int, default=None)
     b.add_argument("--max-test-per-class", type=int, default=None)
+    b.add_argument("--split-file", default=None, metavar="PATH",
+                   help="train/test split: a file of 'RELPATH train|test' lines, or a directory "
+                        "holding train.txt and test.txt (folder, imagenet_r, imagenet_a)")
+    b.add_argument("--scenario", default="class", choices=["class", "domain"],
+                   help="class-incremental tasks, or one task per domain with every class "
+                        "(domainnet)")
+    b.add_argument("--domains", type=_str_list, default=None, metavar="D,D,...",
+                   help="domainnet: which domains, in task order (default: all found)")
+    b.add_argument("--shard-size", type=int, default=1000, metavar="N",
+                   help="at most N samples per shard")
+    b.add_argument("--workers", type=int, default=1, help="parallel conversion processes")
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
     v = dsub.add_parser("verify", help="check every shard against the manifest")
     v.add_argument("dir")
+    v.add_argument("--no-decode", action="store_true",
+                   help="skip decoding every image (checksums, structure and labels only)")
     return p
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of "
+                                         f"integers") from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _image_size(text: str) -> int | str:
+    if text == "original":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a size in pixels nor "
+                                         f"'original'") from None
+
+
+def _class_order(text: str) -> list[str]:
+    """Class ids or names from `text`, or from the file `text` names."""
+    path = Path(text)
+    if path.is_file():
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+                 if not line.lstrip().startswith("#")]
+        items = [item for line in lines for item in line.split(",")]
+    else:
+        items = text.split(",")
+    return [item.strip() for item in items if item.strip()]
+
+
+def _source_help() -> str:
+    from .data.sources import SOURCES
+    return "\n".join(f"  {name:14s} {source.summary}" for name, source in SOURCES.items())
 
 
 def _sources() -> list[str]:
@@ -98,28 +191,76 @@ def cmd_run(overrides: list[str]) -> int:
     return 0
 
 
-def cmd_resume(run_dir: str, overrides: list[str]) -> int:
-    from .config.schema import RunConfig, validate
-    from .stream import run_stream
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a cldist run directory (no config.json)")
-    data = json.loads(path.read_text())
-    bad = [o for o in overrides if not o.split("=", 1)[0].startswith(RESUME_OVERRIDABLE)]
+def _read_run_config(run_dir: str) -> tuple[Path, dict]:
+    """RUN/config.json as a dict; a UserError naming the problem when it cannot be read."""
+    root = Path(run_dir)
+    path = root / "config.json"
+    if not root.is_dir():
+        what = "it is a file" if root.exists() else "it does not exist"
+        raise UserError(f"{run_dir} is not a cldist run directory ({what}); give the directory "
+                        f"a `cldist run` wrote")
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} is not a cldist run directory (no config.json); give the "
+                        f"directory a `cldist run` wrote") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}); check the run directory's "
+                        f"permissions") from None
+    try:
+        return path, json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); the run directory is damaged: restore "
+                        f"the file from a backup or start a new run") from None
+
+
+def _apply_overrides(data: dict, overrides: list[str], allow_lr: bool) -> dict[str, object]:
+    """Set each KEY=VALUE in `data` (in place); returns the learning rates set, old values."""
+    from .config.compose import did_you_mean
+    bad = [o for o in overrides if not _resume_may_change(o.split("=", 1)[0], allow_lr)]
     if bad:
         raise UserError(f"resume keeps the run's own config; {bad} would change it. Only "
-                        f"{', '.join(RESUME_OVERRIDABLE)} may be overridden on resume - start a "
-                        f"new run for other changes")
+                        f"{', '.join(RESUME_OVERRIDABLE)} may be overridden on resume (and "
+                        f"{', '.join(RESUME_LR_KEYS)} with {LR_FLAG}) - start a new run for "
+                        f"other changes")
+    persisted = {}
     for o in overrides:
-        key, _, value = o.partition("=")
+        key, sep, value = o.partition("=")
+        if not sep:
+            raise UserError(f"override {o!r} is not KEY=VALUE")
         node = data
         *parents, leaf = key.split(".")
         for k in parents:
-            node = node[k]
-        if leaf not in node:
-            raise UserError(f"override {key!r} does not exist")
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise UserError(f"override {key!r} does not exist{did_you_mean(key)}")
+        if key in RESUME_LR_KEYS:
+            persisted[key] = node[leaf]  # the old value
         node[leaf] = _parse_value(value)
-    cfg = validate(RunConfig.from_dict(data))
+    return persisted
+
+
+def cmd_resume(run_dir: str, overrides: list[str], allow_lr: bool = False) -> int:
+    from .atomic import write_json_atomic, write_text_atomic
+    from .config.compose import config_from_dict, to_yaml
+    from .coordinator.store import RunState, load_run_manifest
+    from .stream import run_stream
+    path, data = _read_run_config(run_dir)
+    old_lrs = _apply_overrides(data, overrides, allow_lr)
+    cfg = config_from_dict(data, origin=str(path))
+    state = RunState(run_dir)  # both read (and checked) before anything is changed
+    load_run_manifest(run_dir)
+    changed = {k: getattr(cfg.method, k.split(".")[1]) for k, old in old_lrs.items()
+               if getattr(cfg.method, k.split(".")[1]) != old}
+    if changed:
+        write_json_atomic(path, cfg.to_dict())
+        write_text_atomic(Path(run_dir) / "config.yaml", to_yaml(cfg))
+        history = list(state.data.get("resume_overrides", []))
+        history.append({"overrides": changed, "was": {k: old_lrs[k] for k in changed},
+                        "tasks_finished_before": state.completed})
+        state.set("resume_overrides", history)
+        print(f"[resume] {changed} applies to the tasks not finished yet; recorded in "
+              f"{state.path}", flush=True)
     run_stream(cfg, resume_dir=run_dir)
     return 0
 
@@ -130,13 +271,14 @@ def _parse_value(text: str):
 
 
 def cmd_eval(run_dir: str) -> int:
-    from .config.schema import RunConfig
+    from .config.compose import config_from_dict
     from .coordinator.store import RunState, load_run_manifest
     from .eval.metrics import summarize
     from .runners.inline import InlineRunner
     from .stream import StreamEvaluator
     from .train.task import make_method
-    cfg = RunConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text()))
+    path, data = _read_run_config(run_dir)
+    cfg = config_from_dict(data, origin=str(path))
     manifest = load_run_manifest(run_dir)
     state = RunState(run_dir)
     n = manifest.n_tasks
@@ -155,28 +297,46 @@ def cmd_eval(run_dir: str) -> int:
     return 0
 
 
-def cmd_report(run_dirs: list[str], out: str | None) -> int:
-    from .report.report import write_comparison, write_report
+def cmd_report(run_dirs: list[str], out: str | None, tensorboard: bool = True) -> int:
+    from .report.report import html_path, write_comparison, write_report
     if len(run_dirs) == 1:
-        print(write_report(run_dirs[0]))
+        markdown = write_report(run_dirs[0], tensorboard=tensorboard)
     else:
         target = Path(out) if out else Path(run_dirs[0]).parent / "comparison.md"
-        print(write_comparison(run_dirs, target))
+        if target.suffix.lower() == ".html":  # the .md would be overwritten by its twin
+            raise UserError(f"--out {target}: give the .md path; the .html is written beside it")
+        markdown = write_comparison(run_dirs, target)
+    print(f"report: {markdown}")
+    print(f"report: {html_path(markdown)}")
     return 0
 
 
 def cmd_data(args) -> int:
     if args.data_command == "build":
-        from .data.build import build_dataset
-        m = build_dataset(args.source, args.out, root=args.root, n_tasks=args.tasks, seed=args.seed,
-                          order=args.order, image_size=args.image_size,
-                          max_train_per_class=args.max_train_per_class,
-                          max_test_per_class=args.max_test_per_class)
-        print(f"wrote {m.n_tasks} tasks, {sum(t.n_train for t in m.tasks)} train / "
+        from .data.build import LineProgress, build_dataset
+        if args.scenario == "domain" and (args.tasks is not None or args.classes_per_task):
+            raise UserError("--scenario domain makes one task per domain, each with every "
+                            "class: drop --tasks / --classes-per-task (choose and order the "
+                            "domains with --domains)")
+        if args.tasks is not None and args.classes_per_task:
+            raise UserError("give --tasks or --classes-per-task, not both")
+        m = build_dataset(
+            args.source, args.out, root=args.root,
+            n_tasks=args.tasks if args.tasks is not None else 5, seed=args.seed,
+            order=args.order, image_size=args.image_size,
+            classes_per_task=args.classes_per_task,
+            max_train_per_class=args.max_train_per_class,
+            max_test_per_class=args.max_test_per_class, shard_max_samples=args.shard_size,
+            class_order=_class_order(args.class_order) if args.class_order else None,
+            split_file=args.split_file, scenario=args.scenario, domains=args.domains,
+            workers=args.workers, progress=None if args.quiet else LineProgress(sys.stderr))
+        kind = (f"{m.n_tasks} domain tasks ({', '.join(t.domain for t in m.tasks)}) of "
+                f"{m.n_classes} classes" if m.domain_incremental else f"{m.n_tasks} tasks")
+        print(f"wrote {kind}, {sum(t.n_train for t in m.tasks)} train / "
               f"{sum(t.n_test for t in m.tasks)} test samples to {args.out}")
         return 0
     from .data.verify import verify_dataset
-    problems = verify_dataset(args.dir)
+    problems = verify_dataset(args.dir, decode_images=not args.no_decode)
     for p in problems:
         print(p, file=sys.stderr)
     print("ok" if not problems else f"{len(problems)} problem(s)")
@@ -184,16 +344,27 @@ def cmd_data(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting `resume RUN OVERRIDES...` at a flag: take the overrides
+    # after `--allow-lr-change` too (subparsers rule out parse_intermixed_args)
+    if extra and args.command == "resume" and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "run":
             return cmd_run(args.overrides)
         if args.command == "resume":
-            return cmd_resume(args.run_dir, args.overrides)
+            return cmd_resume(args.run_dir, args.overrides, args.allow_lr_change)
         if args.command == "eval":
             return cmd_eval(args.run_dir)
         if args.command == "report":
-            return cmd_report(args.run_dirs, args.out)
+            return cmd_report(args.run_dirs, args.out, tensorboard=not args.no_tensorboard)
+        if args.command == "bench":
+            from .bench import run_benchmarks
+            run_benchmarks(args.names, Path(args.out))
+            return 0
         if args.command == "data":
             return cmd_data(args)
     except UserError as e:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .config.compose import to_yaml
 from .config.schema import RunConfig
-from .atomic import write_json_atomic
-from .coordinator.store import clean_staging, load_run_manifest, save_run_manifest
+from .atomic import write_json_atomic, write_text_atomic
+from .coordinator.store import load_run_manifest, prepare_resume, save_run_manifest
 from .data.manifest import Manifest
 from .errors import UserError
 from .eval.metrics import summarize
@@ -52,11 +52,22 @@ def ensure_scenario(cfg: RunConfig) -> Manifest:
 
 
 def preflight(cfg: RunConfig, manifest: Manifest) -> None:
-    """Fail before anything is written: shards must match the manifest, targets must match."""
-    from .data.loader import verify_shard_checksum
+    """Fail before anything is written: shards must match the manifest, targets must match.
+
+    Every shard's checksum is verified, and every local shard is also read through once
+    (members, labels, sample count - images are not decoded): a shard that is truncated, holds
+    a foreign member or label, or disagrees with the manifest's count is reported now, not
+    when its task comes up hours into the run. Remote shards get the checksum only (a second
+    download is too dear); the loader checks the rest when it reads them.
+    """
+    from .data.loader import iter_shard, verify_shard_checksum
     for task in manifest.tasks:
         for shard in task.train + task.test:
-            verify_shard_checksum(manifest.shard_url(shard), shard.sha256)
+            url = manifest.shard_url(shard)
+            verify_shard_checksum(url, shard.sha256)
+            if url.startswith("file:") or ("://" not in url and not url.startswith("pipe:")):
+                for _ in iter_shard(url, task.classes, expected_count=shard.n_samples):
+                    pass
     method = make_method(cfg)
     try:
         from .models.backbone import build_backbone
@@ -72,12 +83,31 @@ def preflight(cfg: RunConfig, manifest: Manifest) -> None:
 
 def prepare_run_dir(cfg: RunConfig, manifest: Manifest) -> Path:
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run_dir={run_dir} is not a directory; choose another run_dir=")
     if (run_dir / "state.json").exists():
         raise UserError(f"{run_dir} already holds a run; `cldist resume {run_dir}` continues it, "
                         f"or choose another run_dir=")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # a directory of someone else's files is not ours to fill with tasks/, tb/ and reports
+    # (one with only config files is a run that stopped before its first state write)
+    try:
+        foreign = sorted(p.name for p in run_dir.iterdir()
+                         if p.name not in ("config.yaml", "config.json", "manifest.json")) \
+            if run_dir.is_dir() else []
+    except OSError as e:
+        raise UserError(f"cannot read run_dir={run_dir} ({e.strerror or e}); choose another "
+                        f"run_dir=") from None
+    if foreign:
+        raise UserError(f"run_dir={run_dir} is not empty and holds no cldist run "
+                        f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                        f"choose a new or empty directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run_dir={run_dir} ({e.strerror or e}); choose another "
+                        f"run_dir=") from None
     cfg.run_dir = str(run_dir)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))  # a full disk: a message, not a trace
     write_json_atomic(run_dir / "config.json", cfg.to_dict())
     save_run_manifest(run_dir, manifest)
     return run_dir
@@ -107,14 +137,22 @@ class StreamEvaluator:
         self.labels: dict = {}
         self.rows: list[list[float]] = []
         self.eval_seconds: list[float] = []
+        self.eval_tasks_seen: list[int] = []  # tasks covered by each eval_seconds entry
 
     def task_finished(self, t: int) -> list[int]:
-        """Record task t; returns the indices of rows that became available."""
-        self.finished.add(t)
+        return self.tasks_finished([t])
+
+    def tasks_finished(self, tasks: list[int]) -> list[int]:
+        """Record finished tasks; returns the indices of rows that became available.
+
+        Tasks that finish together (a packed Ray Train job) are scored together: every
+        sub-network meets all new test sets in one request."""
+        new = set(tasks) - self.finished
+        self.finished |= new
         start = time.perf_counter()
-        if self.prediction == "subnetworks":
-            pairs = [(t, j) for j in sorted(self.finished)] + \
-                    [(i, t) for i in sorted(self.finished) if i != t]
+        if self.prediction == "subnetworks" and new:
+            pairs = sorted({(t, j) for t in new for j in self.finished}
+                           | {(i, t) for t in new for i in self.finished})
             for b in self.runner.score_blocks(pairs):
                 self.blocks[(b.subnet, b.test)] = b
         new_rows = []
@@ -135,6 +173,7 @@ class StreamEvaluator:
         if new_rows:
             images = sum(self.n_test[: new_rows[-1] + 1])
             self.eval_seconds.append(elapsed / max(1, images))
+            self.eval_tasks_seen.append(new_rows[-1] + 1)
         return new_rows
 
 
@@ -147,18 +186,19 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
         run_dir = prepare_run_dir(cfg, manifest)
     else:
         run_dir = Path(resume_dir)
-        removed = clean_staging(run_dir)
-        if removed:
-            print(f"[resume] removed unfinished task files: {', '.join(removed)}", flush=True)
     manifest = load_run_manifest(run_dir)
     n = manifest.n_tasks
     method = make_method(cfg)
     deps = {t: d for t, d in enumerate(method.task_graph(n))}
+    if resume_dir is not None:
+        for note in prepare_resume(run_dir, deps, n):
+            print(f"[resume] {note}", flush=True)
     progress = Progress(n)
     runner = make_runner(cfg, run_dir, progress)
     coordinator = runner.coordinator  # the one owner of state.json
     coordinator.set("status", "running")
     done_before = set(coordinator.snapshot()["completed_tasks"])
+    progress.mark_done(done_before)  # a resumed run's finished tasks count in the status/ETA
     tb = TensorBoardLogger(run_dir / "tb")
     lock = threading.Lock()
     n_test = [t.n_test for t in manifest.tasks]
@@ -175,25 +215,38 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
 
     try:
         with lock:
-            for t in sorted(done_before):
-                record_rows(evaluator.task_finished(t))
+            record_rows(evaluator.tasks_finished(sorted(done_before)))
 
-        def on_done(t: int, meta: dict) -> None:
+        def on_done(finished: list[tuple[int, dict]]) -> None:
+            # commit every task first (nothing finished is lost), then score them together
             with lock:
-                coordinator.commit(t, meta["staging_dir"], meta)
-                for fit in meta.get("fits", []):
-                    for e, loss in enumerate(fit["losses"]):
-                        tb.log_epoch(t, fit["phase"], e, global_step["value"], loss, 0.0)
-                        global_step["value"] += 1
-                if meta.get("ranks"):
-                    tb.log_ranks(t, meta["ranks"])
-                progress.task_finished(t)
-                record_rows(evaluator.task_finished(t))
+                for t, meta in finished:
+                    coordinator.commit(t, meta["staging_dir"], meta)
+                    for fit in meta.get("fits", []):
+                        lrs = fit.get("lrs") or [None] * len(fit["losses"])  # None: no lr point
+                        for e, (loss, lr) in enumerate(zip(fit["losses"], lrs)):
+                            tb.log_epoch(t, fit["phase"], e, global_step["value"], loss, lr)
+                            global_step["value"] += 1
+                    if meta.get("ranks"):
+                        tb.log_ranks(t, meta["ranks"])
+                    progress.task_finished(t)
+                record_rows(evaluator.tasks_finished([t for t, _ in finished]))
 
         jobs = {t: TaskJob(str(run_dir), cfg.to_dict(), t) for t in range(n) if t not in done_before}
         runner.run_tasks(jobs, deps, on_done, started=progress.task_started)
-    except BaseException:
-        coordinator.set("status", "interrupted")
+    except BaseException as e:
+        progress.close()  # end a terminal's live status line before the traceback
+        try:
+            coordinator.set("status", "interrupted")
+        except Exception:  # noqa: BLE001 - e.g. the disk is still full: report what stopped us
+            pass
+        # the message ends with how to continue the run (unless it says so itself already)
+        if isinstance(e, UserError) and "cldist resume" not in str(e):
+            e.stopped_run = str(run_dir)
+            try:
+                e.finished_tasks = sorted(coordinator.snapshot()["completed_tasks"])
+            except Exception:  # noqa: BLE001 - the count is a nicety, the error is the news
+                pass
         runner.close()
         raise
 
@@ -212,18 +265,19 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
                "n_test": n_test, "ranks": state["ranks"], "runner": cfg.runner,
                "scenario": cfg.scenario.name, "backbone": cfg.backbone.name, "seed": cfg.seed,
                "train_seconds_per_task": [meta.get(str(t), {}).get("train_seconds") for t in range(n)],
-               "eval_seconds_per_image": evaluator.eval_seconds}
+               "eval_seconds_per_image": evaluator.eval_seconds,
+               "eval_tasks_seen": evaluator.eval_tasks_seen}
     write_json_atomic(run_dir / "metrics.json", metrics)
     coordinator.set("status", "finished")
-    tb.log_hparams(_flat_hparams(cfg), {k: metrics[k] for k in ("acc", "aaa", "forgetting", "bwt")})
+    tb.log_hparams(_flat_hparams(cfg), {k: metrics[k] for k in ("acc", "aaa", "forgetting", "bwt",
+                                                                "params_per_task", "wall_seconds")})
     runner.close()
     print(format_summary_table(metrics), flush=True)
     if cfg.report:
-        from .report.report import write_report
-        path = write_report(run_dir)
-        for png in sorted((run_dir / "plots").glob("*.png")):  # the figures in TensorBoard too
-            tb.log_figure(f"report/{png.stem}", png, n - 1)
+        from .report.report import html_path, write_report
+        path = write_report(run_dir)  # also puts the figures into tb/report/
         print(f"report: {path}", flush=True)
+        print(f"report: {html_path(path)}", flush=True)
     tb.close()
     print(f"run directory: {run_dir}", flush=True)
     return metrics

@@ -222,3 +222,20 @@ def test_worker_helpers_outside_a_worker_are_single_process():
     rank, world_size, device = worker_context()
     assert (rank, world_size, device.type) == (0, 1, "cpu")
     assert broadcast_object({"a": 1}) == {"a": 1}
+
+
+def test_a_user_error_in_a_worker_reaches_the_driver_as_itself():
+    """Bad data or a NaN loss inside a Train worker must surface as the user's one-line
+    message (exit 2), not as Ray Train's wrapper with a traceback."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from cldist.distributed.train_job import _user_error_in
+    from cldist.errors import UserError
+    original = UserError("task 1, phase stage2: the loss became nan at step 2")
+    wrapped = WorkerGroupError("Training failed", {0: RuntimeError("rank 0"), 1: original})
+    assert _user_error_in(wrapped) is original
+    try:
+        raise RuntimeError("outer") from wrapped
+    except RuntimeError as chained:
+        assert _user_error_in(chained) is original
+    assert _user_error_in(WorkerGroupError("x", {0: RuntimeError("segfault")})) is None

@@ -302,3 +302,17 @@ def test_randomised_svd_is_deterministic_and_leaves_the_rng_alone():
         assert torch.equal(torch.get_rng_state(), before)
     (d1, B1, A1), (d2, B2, A2) = decisions
     assert d1 == d2 and torch.equal(B1, B2) and torch.equal(A1, A2)
+
+
+def test_lora_product_svd_is_the_exact_spectrum_of_the_product():
+    """QR of the factors + an r x r SVD gives dW = B A's thin SVD without forming dW."""
+    from cldist.coordinator.ranks import lora_product_svd
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(96, 8, generator=g, dtype=torch.float64)
+    A = torch.randn(8, 64, generator=g, dtype=torch.float64)
+    U, S, Vh = lora_product_svd(B, A)
+    dense = B @ A
+    assert torch.allclose(S, torch.linalg.svdvals(dense)[:8], atol=1e-10)
+    assert torch.allclose((U * S) @ Vh, dense, atol=1e-10)
+    assert torch.allclose(U.T @ U, torch.eye(8, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(Vh @ Vh.T, torch.eye(8, dtype=torch.float64), atol=1e-10)

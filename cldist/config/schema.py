@@ -6,6 +6,7 @@ Library code receives these plain dataclasses (or dicts made from them), never H
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -53,7 +54,8 @@ class MethodConfig:
 class ScenarioConfig:
     name: str = "fmnist_5t"
     source: str = "fashion_mnist"  # a `cldist data build` source
-    manifest: Optional[str] = None  # an already-built manifest.json (or its directory)
+    # an already-built manifest.json, or its directory, locally or at a URL (http(s)://...)
+    manifest: Optional[str] = None
     data_dir: str = "data/fmnist_5t"  # where to build the shards when `manifest` is unset
     root: Optional[str] = None  # raw data location for the source (default: the source's own)
     n_tasks: int = 5
@@ -62,7 +64,13 @@ class ScenarioConfig:
     max_test_per_class: Optional[int] = None
     image_size: int = 32  # model input size
     augment: bool = True
-    normalize: str = "backbone"  # backbone | none
+    # training crop when augmenting: random (pad + crop, CIFAR-style) | random_resized
+    # (RandomResizedCrop, as the ViT LoRA papers) | none (flip only)
+    train_crop: str = "random"
+    # evaluation: resize the shorter side to this, then centre-crop image_size (null: resize
+    # straight to image_size)
+    test_resize: Optional[int] = None
+    normalize: str = "backbone"  # backbone (timm's mean/std for the weights) | none ([0, 1])
 
 
 @dataclass
@@ -89,6 +97,9 @@ class TrainerConfig:
     max_concurrent_tasks: Optional[int] = None  # None: as many as the cluster's resources allow
     max_failures: int = 1
     torch_threads: Optional[int] = None
+    # independent tasks one Ray Train job learns back to back (ray runner): packing amortises
+    # the job's start-up (placement group, worker processes, process group) over several tasks
+    tasks_per_job: int = 1
 
 
 @dataclass
@@ -159,8 +170,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, value in [("method.lr", cfg.method.lr), ("method.stage1_lr", cfg.method.stage1_lr)]:
         if not value > 0:
             p.append(f"{key}={value}: must be > 0")
-    if cfg.method.weight_decay < 0:
-        p.append(f"method.weight_decay={cfg.method.weight_decay}: must be >= 0")
+        elif not math.isfinite(value):  # inf would only come back as a NaN loss mid-run
+            p.append(f"{key}={value}: must be a finite number > 0")
+    if not 0 <= cfg.method.weight_decay < math.inf:
+        p.append(f"method.weight_decay={cfg.method.weight_decay}: must be a finite number >= 0")
+    # seeds feed numpy's SeedSequence (no negatives) and torch generators (64-bit) after
+    # being scaled per task: keep them to 32 bits
+    if not 0 <= cfg.seed < 2 ** 32:
+        p.append(f"seed={cfg.seed}: must be in 0..{2 ** 32 - 1}")
+    if not cfg.trainer.cpus_per_worker >= 0:
+        p.append(f"trainer.cpus_per_worker={cfg.trainer.cpus_per_worker}: must be >= 0")
+    if cfg.trainer.torch_threads is not None and cfg.trainer.torch_threads < 1:
+        p.append(f"trainer.torch_threads={cfg.trainer.torch_threads}: must be >= 1 (or null)")
     if cfg.trainer.zero_stage not in (0, 1, 2, 3):
         p.append(f"trainer.zero_stage={cfg.trainer.zero_stage}: choose 0, 1, 2 or 3")
     if cfg.method.threshold_rule not in THRESHOLD_RULES:
@@ -200,6 +221,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             p.append(f"method.targets: role {role!r} is not defined for backbone "
                      f"{cfg.backbone.name} (roles: {sorted(cfg.backbone.roles)}); use a role or a "
                      f"module-name pattern")
+    if cfg.trainer.tasks_per_job < 1:
+        p.append(f"trainer.tasks_per_job={cfg.trainer.tasks_per_job}: must be >= 1")
     if cfg.trainer.max_concurrent_tasks is not None and cfg.trainer.max_concurrent_tasks < 1:
         p.append(f"trainer.max_concurrent_tasks={cfg.trainer.max_concurrent_tasks}: must be >= 1")
     if not has_pretrained_weights(cfg) and cfg.method.reference == "pretrained":

@@ -103,6 +103,21 @@ def task_vector_svd(w_ref: torch.Tensor, w_task: torch.Tensor, max_rank: int | N
     return U, S, Vh, 0.0
 
 
+def lora_product_svd(B: torch.Tensor, A: torch.Tensor):
+    """Thin SVD of dW = B A (B: out x r, A: r x in) without forming dW:
+
+        B = Q_B R_B,  A^T = Q_A R_A  (QR)   =>   dW = Q_B (R_B R_A^T) Q_A^T
+        R_B R_A^T = U_r S V_r^T  (r x r SVD)  =>   dW = (Q_B U_r) S (Q_A V_r)^T
+
+    O((out + in) r^2) instead of O(out * in * min(out, in)): the exact spectrum of a task
+    vector that is a LoRA product, for the price of two thin QRs and an r x r SVD."""
+    B, A = B.double(), A.reshape(A.shape[0], -1).double()
+    q_b, r_b = torch.linalg.qr(B)
+    q_a, r_a = torch.linalg.qr(A.T)
+    U_r, S, Vh_r = torch.linalg.svd(r_b @ r_a.T)
+    return q_b @ U_r, S, Vh_r @ q_a.T
+
+
 def allocate_rank(w_ref: torch.Tensor, w_task: torch.Tensor, rule: str = "squashed",
                   rule_params: dict | None = None, min_rank: int = 1,
                   max_rank: int | None = None, return_factors: bool = False):

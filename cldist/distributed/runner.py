@@ -1,21 +1,28 @@
 """The Ray runner: task jobs as Ray Train jobs, scheduled by the method's task graph.
 
-Each task is one `TorchTrainer` job with `trainer.num_workers` workers. Every worker runs
+A job is one `TorchTrainer` with `trainer.num_workers` workers that learns one task, or up to
+`trainer.tasks_per_job` independent tasks back to back (packing amortises a job's start-up,
+10-20 s, over many short tasks of a long stream). Every worker runs
 `cldist.train.task.train_task` on its share of the task's shards with a DeepSpeed engine per
 training phase; rank 0 asks the coordinator actor for rank decisions (broadcast to the other
-ranks) and reports the task's files as the job's checkpoint, which the driver commits through
-the coordinator.
+ranks) and reports each task's files as a checkpoint, which the driver commits through the
+coordinator once the job ends.
 
 Scheduling: tasks whose dependencies are done start at once, up to as many concurrent jobs as
 the cluster has room for (`trainer.max_concurrent_tasks`, default: cluster CPUs divided by the
 CPUs one job needs). PEARL's tasks after the reference are independent and run side by side;
 chain methods run one job at a time, each data-parallel. The driver holds no tensors of any
 task: jobs read their inputs from the run directory and return file paths.
+
+Failures: a job whose worker or node dies is restarted by Ray Train (`trainer.max_failures`)
+on whatever nodes remain; it skips the tasks it had already reported, and the driver prints
+which job was retried. Evaluator actors restart themselves (`max_restarts`).
 """
 from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -23,6 +30,7 @@ from typing import Callable, Sequence
 
 import ray
 import ray.train
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..config.schema import RunConfig
 from ..eval.scoring import Block
@@ -34,7 +42,13 @@ from .train_job import run_train_job
 
 
 def task_worker(config: dict) -> None:
-    """Ray Train worker function: learn one task on this worker's share of the data."""
+    """Ray Train worker function: learn a group of independent tasks, one after the other.
+
+    After each task every rank reports (a barrier in Train V2) and rank 0 attaches the task's
+    files as a checkpoint. When Ray Train restarts the worker group after a failure
+    (`FailureConfig`), `get_checkpoint()` is the last task reported before it, so the retry
+    carries on with the next task of the group instead of starting the group again.
+    """
     import torch
 
     from ..train.task import train_task
@@ -42,8 +56,8 @@ def task_worker(config: dict) -> None:
     from .train_job import broadcast_object, worker_context
 
     rank, world_size, device = worker_context()
-    job = TaskJob(**config["job"])
-    cfg = job.cfg
+    jobs = [TaskJob(**j) for j in config["jobs"]]
+    cfg = jobs[0].cfg
     torch.set_num_threads(max(1, int(cfg.trainer.torch_threads or cfg.trainer.cpus_per_worker)))
     coordinator = ray.get_actor(config["coordinator"], namespace=config["namespace"])
 
@@ -60,27 +74,80 @@ def task_worker(config: dict) -> None:
 
     def on_epoch(task_id, phase, epoch, n_epochs, loss, lr):
         # fire and forget: the driver drains these and prints one line per epoch
-        coordinator.post_event.remote({"task": task_id, "phase": phase, "epoch": epoch,
-                                       "n_epochs": n_epochs, "loss": loss, "lr": lr})
+        coordinator.post_event.remote({"kind": "epoch", "task": task_id, "phase": phase,
+                                       "epoch": epoch, "n_epochs": n_epochs, "loss": loss,
+                                       "lr": lr})
+        _maybe_inject_fault(jobs[0].run_dir, task_id)
 
-    with tempfile.TemporaryDirectory(prefix="cldist-task-") as tmp:
-        meta = train_task(job, rank=rank, world_size=world_size, make_engine=make_engine,
-                          allocate_ranks=allocate_ranks, on_epoch=on_epoch, device=device,
-                          staging_root=tmp)
-        # every rank's node, so a run can show that a job spanned nodes
-        node_id = ray.get_runtime_context().get_node_id()
-        node_ids = [node_id]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            node_ids = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(node_ids, node_id)
-        meta["node_id"], meta["node_ids"] = node_id, node_ids
-        staging = meta.pop("staging_dir", None)
-        metrics = {"meta_json": json.dumps(meta, default=float)}
-        # every rank reports (a barrier in Train V2); rank 0's task files are the checkpoint,
-        # which Ray Train copies to the run's storage for the driver to commit
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging)
-                         if rank == 0 else None)
+    if rank == 0:  # the driver counts attempts per job to report retries
+        ray.get(coordinator.post_event.remote({"kind": "attempt", "job": config["job_name"]}))
+
+    group = [job.task_id for job in jobs]
+    done_in_group = _tasks_reported_before(ray.train.get_checkpoint(), group)
+    node_id = ray.get_runtime_context().get_node_id()
+    node_ids = [node_id]
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        node_ids = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(node_ids, node_id)  # shows a job spanned nodes
+    for job in jobs:
+        if job.task_id in done_in_group:
+            continue
+        with tempfile.TemporaryDirectory(prefix="cldist-task-") as tmp:
+            meta = train_task(job, rank=rank, world_size=world_size, make_engine=make_engine,
+                              allocate_ranks=allocate_ranks, on_epoch=on_epoch, device=device,
+                              staging_root=tmp)
+            meta["node_id"], meta["node_ids"] = node_id, node_ids
+            meta["job_group"] = group
+            staging = meta.pop("staging_dir", None)
+            metrics = {"task_id": job.task_id, "meta_json": json.dumps(meta, default=float)}
+            # rank 0's task files are the checkpoint; Ray Train copies them to the run's storage
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging)
+                             if rank == 0 else None)
+
+
+class FailureReporter(ray.train.UserCallback):
+    """Runs in a job's Train controller: tells the coordinator when the job's workers fail
+    (an exception, a killed process, a lost node), so the driver can say what was retried."""
+
+    def __init__(self, coordinator: str, namespace: str, job: str):
+        self.coordinator, self.namespace, self.job = coordinator, namespace, job
+
+    def after_exception(self, run_context, worker_exceptions) -> None:
+        errors = {int(rank): f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                  for rank, e in worker_exceptions.items()}
+        actor = ray.get_actor(self.coordinator, namespace=self.namespace)
+        actor.post_event.remote({"kind": "failure", "job": self.job, "errors": errors})
+
+
+def _tasks_reported_before(checkpoint, group: list[int]) -> set[int]:
+    """Tasks of `group` an earlier attempt already reported: the group is learnt in order, so
+    every task up to the one in the latest checkpoint."""
+    if checkpoint is None:
+        return set()
+    with checkpoint.as_directory() as d:
+        last = int(json.loads((Path(d) / "meta.json").read_text())["task_id"])
+    return set(group[: group.index(last) + 1])
+
+
+# Fault injection (the reliability tests, or an operator rehearsing a failure): a file
+# RUN_DIR/.faults/kill-worker-TTT makes the rank-0 worker learning task TTT kill itself with
+# SIGKILL at the end of its first epoch. The file is consumed first, so the retry goes through.
+FAULTS_DIR = ".faults"
+
+
+def _maybe_inject_fault(run_dir: str, task_id: int) -> None:
+    import os
+    import signal
+    marker = Path(run_dir) / FAULTS_DIR / f"kill-worker-{task_id:03d}"
+    try:
+        os.rename(marker, marker.with_name(marker.name + ".done"))  # exactly one taker
+    except OSError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+EVALUATOR_ATTEMPTS = 3  # tries of one scoring request, each with lost evaluators replaced
 
 
 class RayRunner:
@@ -91,13 +158,20 @@ class RayRunner:
         self.info = connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
         self.namespace = ray.get_runtime_context().namespace
         self.coordinator_name = f"cldist-coordinator-{uuid.uuid4().hex[:8]}"
+        # the coordinator writes state.json into the run directory: keep it on the driver's
+        # node (where the run directory is), which also outlives any worker node
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self._coordinator = CoordinatorActor.options(
-            name=self.coordinator_name, namespace=self.namespace).remote(
+            name=self.coordinator_name, namespace=self.namespace,
+            scheduling_strategy=here).remote(
                 str(self.run_dir), float(cfg.cluster.svd_task_cpus),
                 max(1, int(self.info["cpus"])))
         self.coordinator = CoordinatorProxy(self._coordinator)
         self._evaluators: list | None = None
         self.job_nodes: dict[int, str] = {}
+        self.attempts: dict[str, int] = {}  # worker-group starts per job name
+        self.failures: dict[str, list] = {}  # worker failures per job name (FailureReporter)
+        self._events_lock = threading.Lock()
 
     # -- training --------------------------------------------------------------------------
     def _concurrency(self) -> int:
@@ -109,62 +183,129 @@ class RayRunner:
             n = min(n, int(self.info["gpus"] // self.cfg.trainer.num_workers))
         return max(1, n)
 
-    def _run_job(self, job: TaskJob) -> dict:
-        config = {"job": {"run_dir": str(self.run_dir), "config": job.config, "task_id": job.task_id},
+    def _run_job(self, group: list[TaskJob]) -> list[dict]:
+        """Learn `group` (independent tasks) in one Ray Train job; each task's meta, in order."""
+        config = {"jobs": [{"run_dir": str(self.run_dir), "config": j.config, "task_id": j.task_id}
+                           for j in group],
                   "coordinator": self.coordinator_name, "namespace": self.namespace}
+        ids = [j.task_id for j in group]
+        name = f"task-{ids[0]:03d}" + (f"-{ids[-1]:03d}" if len(ids) > 1 else "") + \
+            f"-{uuid.uuid4().hex[:6]}"
+        config["job_name"] = name
         result = run_train_job(task_worker, config, num_workers=self.cfg.trainer.num_workers,
                                use_gpu=self.cfg.trainer.use_gpu,
                                storage_path=str(self.run_dir / "ray_train"),
-                               name=f"task-{job.task_id:03d}-{uuid.uuid4().hex[:6]}",
+                               name=name,
                                cpus_per_worker=self.cfg.trainer.cpus_per_worker,
-                               max_failures=self.cfg.trainer.max_failures)
-        meta = json.loads(result.metrics["meta_json"])
-        if not result.checkpoint_dir:
-            raise RuntimeError(f"task {job.task_id}: the training job reported no checkpoint")
-        meta["staging_dir"] = result.checkpoint_dir
-        return meta
+                               max_failures=self.cfg.trainer.max_failures,
+                               callbacks=(FailureReporter(self.coordinator_name, self.namespace,
+                                                          name),))
+        metas: dict[int, dict] = {}
+        for metrics, checkpoint_dir in result.reports:
+            meta = json.loads(metrics["meta_json"])
+            meta["staging_dir"] = checkpoint_dir
+            metas[int(meta["task_id"])] = meta  # a retried task's later report wins
+        missing = [t for t in ids if t not in metas]
+        if missing:
+            raise RuntimeError(f"tasks {missing}: the training job {name!r} reported no checkpoint")
+        self._print_events()
+        attempts = self.attempts.pop(name, 1)
+        failures = self.failures.pop(name, [])
+        retries = max(attempts - 1, len(failures))
+        if retries and self.progress is not None:
+            what = "; ".join(f"rank {r}: {e}" for f in failures for r, e in f.items()) or \
+                "its workers were lost"
+            self.progress.message(f"[retry] job {name} (tasks {ids}) was restarted {retries}x "
+                                  f"({what}); tasks it had reported were kept")
+        for t in ids:
+            metas[t]["job_attempts"] = 1 + retries
+        return [metas[t] for t in ids]
+
+    def _groups(self, ready: list[int], free_slots: int) -> list[list[int]]:
+        """Pack ready tasks into at most `free_slots` jobs of at most `tasks_per_job` tasks,
+        spreading them evenly so no slot idles while another job holds a long queue."""
+        if not ready or free_slots < 1:
+            return []
+        size = min(int(self.cfg.trainer.tasks_per_job), -(-len(ready) // free_slots))
+        groups = [ready[i:i + size] for i in range(0, len(ready), size)]
+        return groups[:free_slots]
 
     def run_tasks(self, jobs: dict[int, TaskJob], deps: dict[int, list[int]],
                   on_done: OnTaskDone, started: Callable[[int], None] | None = None) -> None:
         pending = sorted(jobs)
         done = {t for t in deps if t not in jobs}
-        running: dict[Future, int] = {}
-        with ThreadPoolExecutor(max_workers=self._concurrency(),
-                                thread_name_prefix="cldist-task") as pool:
+        running: dict[Future, list[int]] = {}
+        slots = self._concurrency()
+        with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="cldist-task") as pool:
             while pending or running:
-                for t in ready_order(pending, deps, done):
-                    if len(running) >= self._concurrency():
-                        break
-                    pending.remove(t)
-                    if started:
-                        started(t)
-                    running[pool.submit(self._run_job, jobs[t])] = t
+                # ready tasks depend only on finished ones, so they are independent of each other
+                for group in self._groups(ready_order(pending, deps, done), slots - len(running)):
+                    for t in group:
+                        pending.remove(t)
+                        if started:
+                            started(t)
+                    running[pool.submit(self._run_job, [jobs[t] for t in group])] = group
                 if not running:
                     raise RuntimeError(f"task graph is stuck: pending {pending}, done {sorted(done)}")
                 finished, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
                 self._print_events()
                 for fut in finished:
-                    t = running.pop(fut)
-                    meta = fut.result()  # a failed job (after its retries) stops the stream
+                    running.pop(fut)
+                    metas = fut.result()  # a failed job (after its retries) stops the stream
                     self._print_events()
-                    self.job_nodes[t] = meta.get("node_id", "")
-                    on_done(t, meta)
-                    done.add(t)
+                    for meta in metas:
+                        self.job_nodes[int(meta["task_id"])] = meta.get("node_id", "")
+                    on_done([(int(meta["task_id"]), meta) for meta in metas])
+                    done.update(int(meta["task_id"]) for meta in metas)
 
     def _print_events(self) -> None:
-        if self.progress is None:
-            return
-        for e in self.coordinator.drain_events():
-            self.progress.epoch(e["task"], e["phase"], e["epoch"] + 1, e["n_epochs"], e["loss"], e["lr"])
+        with self._events_lock:  # job threads and the scheduler both drain
+            for e in self.coordinator.drain_events():
+                if e.get("kind") == "attempt":
+                    self.attempts[e["job"]] = self.attempts.get(e["job"], 0) + 1
+                elif e.get("kind") == "failure":
+                    self.failures.setdefault(e["job"], []).append(e["errors"])
+                elif self.progress is not None:
+                    self.progress.epoch(e["task"], e["phase"], e["epoch"] + 1, e["n_epochs"],
+                                        e["loss"], e["lr"])
 
     # -- evaluation ------------------------------------------------------------------------
     @property
     def evaluators(self) -> list:
         if self._evaluators is None:
             n = max(1, int(self.cfg.cluster.eval_actors))
-            self._evaluators = [EvaluatorActor.remote(self.cfg.to_dict(), str(self.run_dir))
-                                for _ in range(n)]
+            self._evaluators = [self._new_evaluator() for _ in range(n)]
         return self._evaluators
+
+    def _new_evaluator(self):
+        return EvaluatorActor.remote(self.cfg.to_dict(), str(self.run_dir))
+
+    def _on_evaluators(self, calls: dict[int, tuple[str, tuple]]) -> dict[int, object]:
+        """Run `calls` ({actor index: (method, args)}) and wait for all of them.
+
+        Evaluators hold only caches, so one that is lost - killed, or on a node that left -
+        is replaced by a fresh actor and its call repeated (Ray's own restart covers a dead
+        process, not an actor that is unreachable while its node is being declared dead)."""
+        results: dict[int, object] = {}
+        for attempt in range(EVALUATOR_ATTEMPTS):
+            refs = {k: getattr(self.evaluators[k], method).remote(*args)
+                    for k, (method, args) in calls.items() if k not in results}
+            lost = []
+            for k, ref in refs.items():
+                try:
+                    results[k] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    lost.append((k, e))
+            if not lost:
+                return results
+            for k, e in lost:
+                if self.progress is not None:
+                    self.progress.message(f"[retry] evaluator {k} was lost ({type(e).__name__}); "
+                                          f"replaced by a new one (attempt {attempt + 2})")
+                ray.kill(self._evaluators[k], no_restart=True)
+                self._evaluators[k] = self._new_evaluator()
+        raise RuntimeError(f"evaluators {[k for k, _ in lost]} failed {EVALUATOR_ATTEMPTS} times; "
+                           f"last error: {lost[-1][1]}")
 
     def score_blocks(self, pairs: Sequence[tuple[int, int]]) -> list[Block]:
         # shard by sub-network: actor k keeps the adapters of sub-networks i = k mod n
@@ -172,21 +313,23 @@ class RayRunner:
         shards: dict[int, list] = {}
         for i, j in pairs:
             shards.setdefault(i % n, []).append((i, j))
-        refs = [self.evaluators[k].score_blocks.remote(p) for k, p in shards.items()]
-        return [b for part in ray.get(refs) for b in part]
+        parts = self._on_evaluators({k: ("score_blocks", (p,)) for k, p in shards.items()})
+        return [b for k in sorted(parts) for b in parts[k]]
 
     def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, float]:
         # shard the test sets across actors; each scores the same model on its share
         n = len(self.evaluators)
-        parts = [list(tests)[k::n] for k in range(n)]
-        refs = [self.evaluators[k].score_single.remote(upto_task, p) for k, p in enumerate(parts) if p]
+        parts = {k: list(tests)[k::n] for k in range(n)}
+        scores = self._on_evaluators({k: ("score_single", (upto_task, p))
+                                      for k, p in parts.items() if p})
         out: dict[int, float] = {}
-        for part in ray.get(refs):
+        for part in scores.values():
             out.update(part)
         return out
 
     def test_labels(self, j: int):
-        return ray.get(self.evaluators[j % len(self.evaluators)].test_labels.remote(j))
+        k = j % len(self.evaluators)
+        return self._on_evaluators({k: ("test_labels", (j,))})[k]
 
     def close(self) -> None:
         """Stop this run's actors (the cluster itself stays up: it may be shared)."""

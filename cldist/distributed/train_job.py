@@ -38,6 +38,8 @@ class JobResult:
 
     metrics: dict  # rank 0's metrics from the last report()
     checkpoint_dir: str | None  # directory holding that report's files (None: nothing reported)
+    # every checkpointed report of the job, in report order: (rank 0's metrics, directory)
+    reports: tuple[tuple[dict, str], ...] = ()
 
 
 class TrainJobError(RuntimeError):
@@ -46,11 +48,12 @@ class TrainJobError(RuntimeError):
 
 def run_train_job(train_fn: Callable[[dict], Any], config: dict, num_workers: int,
                   use_gpu: bool, storage_path: str, name: str, cpus_per_worker: float = 1,
-                  max_failures: int = 0) -> JobResult:
+                  max_failures: int = 0, callbacks: tuple = ()) -> JobResult:
     """Run `train_fn(config)` on `num_workers` Ray Train workers and wait for it.
 
     `train_fn` must be importable or picklable (a module-level function) and end with
     `report(...)` on every worker. Starts the embedded Ray cluster when Ray is not connected.
+    `callbacks` are `ray.train.UserCallback`s; they run in the job's controller actor.
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -71,18 +74,45 @@ def run_train_job(train_fn: Callable[[dict], Any], config: dict, num_workers: in
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(storage_path=storage, name=name,
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             callbacks=list(callbacks)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     try:
         result = trainer.fit()
     except Exception as e:  # TrainingFailedError (WorkerGroupError / ControllerError)
+        user_error = _user_error_in(e)
+        if user_error is not None:  # bad data, NaN loss, ...: the user's message, not a trace
+            raise user_error from None
         raise TrainJobError(
             f"train job {name!r} failed (storage {os.path.join(storage, name)}, "
             f"{num_workers} worker(s), max_failures={max_failures}): {e}") from e
     checkpoint = result.checkpoint
+    # CheckpointConfig keeps every checkpoint by default; the list spans retried attempts
+    reports = tuple((dict(m or {}), c.path) for c, m in (result.best_checkpoints or []))
     return JobResult(metrics=dict(result.metrics or {}),
-                     checkpoint_dir=checkpoint.path if checkpoint is not None else None)
+                     checkpoint_dir=checkpoint.path if checkpoint is not None else None,
+                     reports=reports)
+
+
+def _user_error_in(error: BaseException) -> UserError | None:
+    """The UserError a worker raised, if that is what failed the job.
+
+    Ray Train wraps worker exceptions (WorkerGroupError.worker_failures, a RayTaskError that
+    is also an instance of the original class, __cause__ chains); walk all of them."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            cause = getattr(e, "cause", None)  # RayTaskError keeps the original here
+            return cause if isinstance(cause, UserError) else e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        todo += list(getattr(e, "worker_failures", {}).values())
+    return None
 
 
 def _check_fits(name: str, num_workers: int, cpus_per_worker: float, use_gpu: bool) -> None:

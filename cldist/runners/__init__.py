@@ -6,7 +6,8 @@ from typing import Callable, Protocol, Sequence
 from ..eval.scoring import Block
 from ..train.task import TaskJob
 
-OnTaskDone = Callable[[int, dict], None]
+# called with the (task, meta) pairs that finished together (one packed job), in task order
+OnTaskDone = Callable[[list[tuple[int, dict]]], None]
 
 
 class Runner(Protocol):
@@ -16,7 +17,8 @@ class Runner(Protocol):
 
     def run_tasks(self, jobs: dict[int, TaskJob], deps: dict[int, list[int]],
                   on_done: OnTaskDone) -> None:
-        """Run every job once its dependencies are done; call on_done(task, meta) for each."""
+        """Run every job once its dependencies are done; call on_done([(task, meta), ...])
+        for the tasks that finished together."""
 
     def score_blocks(self, pairs: Sequence[tuple[int, int]]) -> list[Block]: ...
 

@@ -36,7 +36,7 @@ class InlineRunner:
                 started(t)
             meta = train_task(jobs[t], on_epoch=self.on_epoch,
                               allocate_ranks=self.coordinator.allocate_ranks)
-            on_done(t, meta)
+            on_done([(t, meta)])
             done.add(t)
             pending.remove(t)
 

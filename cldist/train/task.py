@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..config.schema import RunConfig, method_options, resolve_targets
+from ..errors import ConfigError
 from ..coordinator.run_coordinator import allocate_ranks_locally
 from ..data.loader import make_transform, task_batches
 from ..data.manifest import Manifest
@@ -74,14 +75,22 @@ def build_model(cfg: RunConfig, method: ContinualMethod, manifest: Manifest,
 
 
 def transforms(cfg: RunConfig, manifest: Manifest):
-    """(train, test) image transforms: resize, optional augmentation, normalisation."""
-    if cfg.scenario.normalize == "backbone":
+    """(train, test) image transforms: resize, optional augmentation (`scenario.train_crop`),
+    evaluation resize + centre crop (`scenario.test_resize`), normalisation."""
+    sc = cfg.scenario
+    if sc.normalize == "backbone":
         mean, std = default_normalization(backbone_spec(cfg))
     else:
         mean = std = None
-    size = cfg.scenario.image_size
-    train = make_transform(size, 3, mean, std, train=True, augment=cfg.scenario.augment)
-    test = make_transform(size, 3, mean, std, train=False, augment=False)
+    size = sc.image_size
+    try:
+        train = make_transform(size, 3, mean, std, train=True, augment=sc.augment,
+                               crop=sc.train_crop, resize=sc.test_resize)
+        test = make_transform(size, 3, mean, std, train=False, augment=False,
+                              crop=sc.train_crop, resize=sc.test_resize)
+    except ValueError as e:  # a bad train_crop / test_resize: name the keys
+        raise ConfigError([f"scenario.train_crop={sc.train_crop} / scenario.test_resize="
+                           f"{sc.test_resize}: {e}"]) from None
     return train, test
 
 
@@ -110,6 +119,7 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
     for dep in method.state_dependencies(job.task_id):
         method.load_task_state(model, dep, load_task_tensors(job.run_dir, dep))
     model.to(device)
+    setup_seconds = time.perf_counter() - start  # building the model, loading dependencies
     train_tf, _ = transforms(cfg, manifest)
     t = job.task_id
     bs = cfg.trainer.batch_size
@@ -153,12 +163,23 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
             if on_epoch is not None and rank == 0:
                 on_epoch(t, phase, epoch, n_epochs, loss_value, lr)
         source, n_steps = (seen_batches, seen_steps) if request.data == "seen" else (batches, steps)
-        return loop.fit(model_, request, source, n_steps, make_engine, device, report, task_id=t)
+        return loop.fit(model_, request, source, n_steps, make_engine, device, report, task_id=t,
+                        lr_key=lr_key(cfg, request.lr))
+
+    allocation_seconds = [0.0]
+
+    def timed_allocate_ranks(task_vectors, params):
+        # measured for docs/BENCHMARKS.md: rank allocation's share of a task's time
+        begin = time.perf_counter()
+        try:
+            return allocate_ranks(task_vectors, params)
+        finally:
+            allocation_seconds[0] += time.perf_counter() - begin
 
     ctx = TaskContext(task_id=t, n_tasks=manifest.n_tasks,
                       classes_per_task=[len(x.classes) for x in manifest.tasks],
                       class_offsets=manifest.class_offsets(), fit=fit,
-                      allocate_ranks=allocate_ranks, train_batches=batches,
+                      allocate_ranks=timed_allocate_ranks, train_batches=batches,
                       generator=task_generator(cfg.seed, t), device=device,
                       seen_train_batches=seen_batches,
                       reduce_mean=reduce_mean or (lambda x: x), steps_per_epoch=steps)
@@ -167,6 +188,7 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
     meta.update({"task_id": t, "classes": list(manifest.tasks[t].classes),
                  "params_added": method.params_added(model, t),
                  "train_seconds": time.perf_counter() - start, "world_size": world_size,
+                 "setup_seconds": setup_seconds, "rank_allocation_seconds": allocation_seconds[0],
                  "seed": cfg.seed, "data_seed": data_seed})
     if rank == 0:
         root = Path(staging_root) if staging_root else Path(job.run_dir) / "tasks"
@@ -176,6 +198,13 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                        reference=method.reference_state(model) if t == 0 else None)
         meta["staging_dir"] = str(staging)
     return meta
+
+
+def lr_key(cfg: RunConfig, lr: float) -> str | None:
+    """The config key a phase's learning rate came from (methods pass plain floats)."""
+    keys = [k for k, v in (("method.lr", cfg.method.lr), ("method.stage1_lr", cfg.method.stage1_lr))
+            if float(v) == float(lr)]
+    return keys[0] if len(keys) == 1 else None
 
 
 def json_safe(meta: dict) -> dict:

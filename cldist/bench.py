@@ -1,0 +1,197 @@
+"""`cldist bench [NAME]`: the benchmark suite behind docs/BENCHMARKS.md.
+
+Every benchmark measures a cldist path against a plain baseline side by side, in one process
+and one run, and reports the ratio; the figures go to stdout (a markdown table) and to
+`OUT/NAME.json`. All of them run on synthetic data (cldist.synthetic) and timm's test ViT, so
+they need no download and take minutes on a 2-core machine:
+
+- `scheduling`: a 10-task PEARL stream through the Ray runner - one job at a time (baseline)
+  vs two independent jobs side by side vs packed jobs (`trainer.tasks_per_job`);
+  also the share of task time spent in SVD rank allocation.
+- `eval`: the full class-IL accuracy matrix of the first N = 10, 20, 50 tasks of a finished
+  PEARL run - a naive loop (one process, one forward per (sub-network, test set) block) vs
+  the sharded evaluator (Ray actors, sub-networks sharded, test sets batched per sub-network).
+- `svd`: one ViT-B-sized layer (768 x 768) - dense SVD (baseline) vs randomised SVD vs QR of
+  rank-16 LoRA factors with an r x r SVD.
+- `stream100`: a 100-task stream through the Ray runner with packed jobs: wall time and
+  per-task time along the stream (flat or not).
+
+    cldist bench svd                  # seconds
+    cldist bench                      # all of them, ~15 min on 2 cores
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+BENCHMARKS: dict[str, Callable[[Path], dict]] = {}
+
+
+def register(fn: Callable[[Path], dict]) -> Callable[[Path], dict]:
+    BENCHMARKS[fn.__name__.removeprefix("bench_")] = fn
+    return fn
+
+
+def _stream_data(work: Path, n_tasks: int) -> Path:
+    from .data.build import build_dataset
+    from .synthetic import write_synthetic_tree
+    data = work / f"data{n_tasks}"
+    if not (data / "manifest.json").exists():
+        tree = write_synthetic_tree(work / f"tree{n_tasks}", 2 * n_tasks, train_per_class=16,
+                                    test_per_class=8, size=16)
+        build_dataset("folder", data, root=tree, n_tasks=n_tasks, seed=0)
+    return data
+
+
+def _run(data: Path, run_dir: Path, *overrides: str) -> dict:
+    from .config.compose import compose
+    from .stream import run_stream
+    cfg = compose(["scenario=digits_5t", f"scenario.manifest={data}", "backbone=test_vit",
+                   f"run_dir={run_dir}", "method.epochs=3", "method.stage1_epochs=1",
+                   "method.reference_epochs=5", "trainer.batch_size=16", "report=false",
+                   *overrides])
+    return run_stream(cfg)
+
+
+def _task_meta(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())["task_meta"]
+
+
+@register
+def bench_scheduling(work: Path) -> dict:
+    data = _stream_data(work, 10)
+    variants = {
+        "1 job at a time (baseline)": ("trainer.max_concurrent_tasks=1",),
+        "2 jobs side by side": ("trainer.max_concurrent_tasks=2",),
+        "2 jobs side by side, 3 tasks per job": ("trainer.max_concurrent_tasks=2",
+                                                 "trainer.tasks_per_job=3"),
+        "1 job, 2 data-parallel workers": ("trainer.max_concurrent_tasks=1",
+                                           "trainer.num_workers=2"),
+    }
+    rows, base = [], None
+    for label, extra in variants.items():
+        run_dir = work / f"sched-{len(rows)}"
+        start = time.perf_counter()
+        _run(data, run_dir, "runner=ray", *extra)
+        wall = time.perf_counter() - start
+        base = base or wall
+        meta = _task_meta(run_dir)
+        train = sum(m["train_seconds"] for m in meta.values())
+        svd = sum(m.get("rank_allocation_seconds", 0.0) for m in meta.values())
+        rows.append({"variant": label, "wall_s": round(wall, 1),
+                     "speedup": round(base / wall, 2),
+                     "svd_share_of_task_time": round(svd / train, 3) if train else None})
+    return {"stream": "PEARL, 10 tasks x 2 synthetic classes, test_vit 16 px", "rows": rows}
+
+
+@register
+def bench_eval(work: Path) -> dict:
+    from .config.compose import compose
+    from .eval.scoring import Scorer, row_from_blocks
+    data = _stream_data(work, 50)
+    run_dir = work / "eval-run"
+    if not (run_dir / "metrics.json").exists():  # trained inline: the run is the input here
+        _run(data, run_dir, "runner=inline", "method.epochs=1", "method.reference_epochs=2")
+    cfg = compose(["scenario=digits_5t", f"scenario.manifest={data}", "backbone=test_vit",
+                   f"run_dir={run_dir}", "report=false", "cluster.eval_actors=2"])
+    from .distributed.runner import RayRunner
+    ray_runner = RayRunner(cfg, run_dir)
+    rows = []
+    try:
+        for n in (10, 20, 50):
+            pairs = [(i, j) for i in range(n) for j in range(n)]
+            naive = Scorer(cfg, run_dir)
+            naive.load_tasks(range(n))
+            for j in range(n):
+                naive.test_set(j)  # decoding is not what is compared: both cache it
+            start = time.perf_counter()
+            blocks = {}
+            for i, j in pairs:  # the naive loop: one block, one forward
+                blocks.update({(b.subnet, b.test): b for b in naive.score_blocks([(i, j)])})
+            naive_s = time.perf_counter() - start
+            ray_runner.score_blocks(pairs)  # warm: actors built, test sets decoded
+            start = time.perf_counter()
+            sharded = {(b.subnet, b.test): b for b in ray_runner.score_blocks(pairs)}
+            sharded_s = time.perf_counter() - start
+            labels = {j: naive.test_labels(j) for j in range(n)}
+            assert row_from_blocks(n - 1, blocks, labels) == row_from_blocks(n - 1, sharded, labels)
+            rows.append({"tasks": n, "blocks": len(pairs), "naive_s": round(naive_s, 2),
+                         "sharded_s": round(sharded_s, 2),
+                         "speedup": round(naive_s / sharded_s, 2)})
+    finally:
+        ray_runner.close()
+    return {"run": "PEARL, 50 tasks x 2 synthetic classes (8 test images each), test_vit",
+            "evaluator_actors": 2, "rows": rows}
+
+
+@register
+def bench_svd(work: Path) -> dict:
+    from .coordinator.ranks import lora_product_svd
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(768, 16, generator=g), torch.randn(16, 768, generator=g)
+    dense = (B @ A + 1e-3 * torch.randn(768, 768, generator=g)).double()
+
+    def timed(fn, repeat=5):
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - start) / repeat
+
+    base = timed(lambda: torch.linalg.svd(dense, full_matrices=False))
+    low = timed(lambda: torch.svd_lowrank(dense, q=40, niter=4))
+    qr = timed(lambda: lora_product_svd(B, A))
+    rows = [{"method": "dense SVD (baseline)", "ms": round(1e3 * base, 2), "speedup": 1.0},
+            {"method": "randomised SVD, q=40", "ms": round(1e3 * low, 2),
+             "speedup": round(base / low, 1)},
+            {"method": "QR of rank-16 factors + 16x16 SVD", "ms": round(1e3 * qr, 3),
+             "speedup": round(base / qr, 1)}]
+    return {"layer": "768 x 768 (ViT-B attention projection), float64, 1 thread", "rows": rows}
+
+
+@register
+def bench_stream100(work: Path) -> dict:
+    data = _stream_data(work, 100)
+    run_dir = work / "stream100"
+    start = time.perf_counter()
+    metrics = _run(data, run_dir, "runner=ray", "trainer.tasks_per_job=25", "method.epochs=1",
+                   "method.reference_epochs=2")
+    wall = time.perf_counter() - start
+    train = metrics["train_seconds_per_task"][1:]  # task 0 trains the reference
+    deciles = [round(statistics.mean(train[i:i + 10]), 2) for i in range(0, len(train), 10)]
+    return {"stream": "PEARL, 100 tasks x 2 synthetic classes, test_vit, 25 tasks per job",
+            "wall_s": round(wall, 1), "train_s_per_task_by_decile": deciles,
+            "eval_ms_per_image": [round(1e3 * x, 2) for x in metrics["eval_seconds_per_image"]],
+            "rows": [{"tasks": f"{10 * i + 1}-{10 * i + 10}", "train_s_per_task": d}
+                     for i, d in enumerate(deciles)]}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_benchmarks(names: list[str], out: Path) -> dict:
+    from .errors import UserError
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        raise UserError(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="cldist-bench-") as tmp:
+        for name in names or list(BENCHMARKS):
+            result = BENCHMARKS[name](Path(tmp))
+            results[name] = result
+            (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+            print(f"\n## {name}\n" + json.dumps({k: v for k, v in result.items() if k != "rows"})
+                  + "\n\n" + markdown_table(result["rows"]), flush=True)
+    return results
