@@ -92,7 +92,8 @@ def prepare_run_dir(cfg: RunConfig, manifest: Manifest) -> Path:
     # (one with only config files is a run that stopped before its first state write)
     try:
         foreign = sorted(p.name for p in run_dir.iterdir()
-                         if p.name not in ("config.yaml", "config.json", "manifest.json")) \
+                         if p.name not in ("config.yaml", "config.json", "manifest.json",
+                                           "seeds.json")) \
             if run_dir.is_dir() else []
     except OSError as e:
         raise UserError(f"cannot read run_dir={run_dir} ({e.strerror or e}); choose another "
@@ -109,8 +110,30 @@ def prepare_run_dir(cfg: RunConfig, manifest: Manifest) -> Path:
     cfg.run_dir = str(run_dir)
     write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))  # a full disk: a message, not a trace
     write_json_atomic(run_dir / "config.json", cfg.to_dict())
+    write_json_atomic(run_dir / "seeds.json", seed_record(cfg, manifest))
     save_run_manifest(run_dir, manifest)
     return run_dir
+
+
+def seed_record(cfg: RunConfig, manifest: Manifest) -> dict:
+    """Every seed that decides a run's numbers and how each task's is derived (RUN/seeds.json;
+    each task's meta.json holds its own values). Same config + seed = same numbers on CPU."""
+    from .train.task import task_seeds
+    return {
+        "seed": cfg.seed,
+        "class_order_seed": manifest.order_seed, "class_order": list(manifest.class_order),
+        "train_test_split_seed": (manifest.build or {}).get("split_seed"),
+        "rules": {
+            "init": "torch.manual_seed(seed) before each task's model is built (random-init "
+                    "backbones, heads, LoRA factors); the method's own generator per task: "
+                    "seed * 1000003 + task * 7919",
+            "data_order": "seed * 1000003 + task: shard order and shuffle buffer, re-drawn "
+                          "per epoch from (data_seed, epoch, task)",
+            "augmentation": "torch's global RNG, seeded by torch.manual_seed(seed) at the "
+                            "task's model build, consumed in data order",
+        },
+        "per_task": {str(t): task_seeds(cfg.seed, t) for t in range(manifest.n_tasks)},
+    }
 
 
 def make_runner(cfg: RunConfig, run_dir: Path, progress: Progress):

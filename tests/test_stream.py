@@ -99,3 +99,18 @@ def test_resume_refuses_conflicting_override(tmp_path, capsys):
     (run_dir / "config.json").write_text("{}")
     assert main(["resume", str(run_dir), "method.lr=0.1"]) == 2
     assert "method.lr=0.1" in capsys.readouterr().err
+
+
+def test_same_config_and_seed_reproduce_the_numbers(tmp_path, digits_dir):
+    """Determinism on CPU: two runs of one config and seed give identical matrices and
+    identical task files; every seed that decides them is recorded in RUN/seeds.json."""
+    a, dir_a = _two_task(tmp_path, digits_dir, "inline", "a")
+    b, dir_b = _two_task(tmp_path, digits_dir, "inline", "b")
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    for rel in ("tasks/001/adapter.safetensors", "tasks/001/head.safetensors"):
+        assert (dir_a / rel).read_bytes() == (dir_b / rel).read_bytes()
+    seeds = json.loads((dir_a / "seeds.json").read_text())
+    assert seeds["seed"] == 0 and seeds["class_order_seed"] == 1993
+    assert set(seeds["rules"]) == {"init", "data_order", "augmentation"}
+    meta = json.loads((dir_a / "tasks" / "001" / "meta.json").read_text())
+    assert meta["seeds"] == seeds["per_task"]["1"]

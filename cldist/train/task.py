@@ -94,8 +94,14 @@ def transforms(cfg: RunConfig, manifest: Manifest):
     return train, test
 
 
+def task_seeds(seed: int, task_id: int) -> dict[str, int]:
+    """The seeds task `task_id` derives from the run's seed (recorded in RUN/seeds.json)."""
+    return {"init": seed, "method_generator": seed * 1_000_003 + task_id * 7919,
+            "data_order": seed * 1_000_003 + task_id}
+
+
 def task_generator(seed: int, task_id: int, salt: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + task_id * 7919 + salt)
+    return torch.Generator().manual_seed(task_seeds(seed, task_id)["method_generator"] + salt)
 
 
 def torch_engine(module, params, lr, weight_decay, total_steps):
@@ -131,7 +137,7 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
     steps = steps_for(manifest.tasks[t].n_train // world_size)
     seen_share = sum(manifest.tasks[s_].n_train for s_ in range(t + 1)) // world_size
     seen_steps = steps_for(seen_share)
-    data_seed = cfg.seed * 1_000_003 + t
+    data_seed = task_seeds(cfg.seed, t)["data_order"]
 
     def batches(epoch: int):
         it = task_batches(manifest, t, "train", bs, train_tf, shuffle=True, seed=data_seed,
@@ -189,7 +195,7 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                  "params_added": method.params_added(model, t),
                  "train_seconds": time.perf_counter() - start, "world_size": world_size,
                  "setup_seconds": setup_seconds, "rank_allocation_seconds": allocation_seconds[0],
-                 "seed": cfg.seed, "data_seed": data_seed})
+                 "seed": cfg.seed, "data_seed": data_seed, "seeds": task_seeds(cfg.seed, t)})
     if rank == 0:
         root = Path(staging_root) if staging_root else Path(job.run_dir) / "tasks"
         staging = root / f".staging-{t:03d}-{uuid.uuid4().hex[:8]}"
