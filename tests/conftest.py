@@ -1,7 +1,10 @@
 """Shared fixtures: tiny data built once per session, one Ray cluster per session."""
 from __future__ import annotations
 
+import io
 import os
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +34,12 @@ def tiny_overrides(data_dir, run_dir, *extra):
     return ["scenario=digits_5t", f"scenario.manifest={data_dir}", "backbone=test_vit",
             f"run_dir={run_dir}", "method.epochs=2", "method.stage1_epochs=1",
             "method.reference_epochs=3", "trainer.batch_size=32", "report=false", *extra]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of (name, bytes) members as given - for tests that forge damaged shards."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

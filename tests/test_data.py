@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from .conftest import write_tar
 import torch
 from PIL import Image
 
@@ -49,21 +51,13 @@ def digits_copy(digits_dir, tmp_path) -> Path:
     return Path(shutil.copytree(digits_dir, tmp_path / "ds"))
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def _replace_first_train_shard(directory: Path, members: list[tuple[str, bytes]]) -> str:
     """Overwrite task 0's first train shard with `members`, keeping the manifest consistent
     (sha256 and count), so only the content itself can be refused. Returns its path."""
     manifest = Manifest.load(directory)
     shard = manifest.tasks[0].train[0]
     path = directory / shard.path
-    _write_tar(path, members)
+    write_tar(path, members)
     shard.sha256 = sha256_file(path)
     shard.n_samples = len({name.split(".")[0] for name, _ in members})
     manifest.save(directory)

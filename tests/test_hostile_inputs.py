@@ -29,7 +29,7 @@ import pytest
 
 from cldist.cli import main
 
-from .conftest import tiny_overrides
+from .conftest import tiny_overrides, write_tar
 
 NO_RUN = "no run dir"      # the error came before the run: RUN_DIR was never created
 UNTOUCHED = "untouched"    # RUN_DIR (or the path given) is exactly as it was before the command
@@ -96,14 +96,6 @@ def _members(path: Path) -> list[tuple[str, bytes]]:
         return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def _reseal(w: World, path: Path, n_samples: int | None = None) -> None:
     """Make the manifest agree with a damaged shard (its sha256, and its count if given), as
     a builder that wrote bad data would: only the content itself can then be refused."""
@@ -124,7 +116,7 @@ def _rewrite_shard(w: World, edit: Callable[[list[tuple[str, bytes]]], list], ta
                    split: str = "train") -> Path:
     path = w.shard(task, split)
     members = edit(_members(path))
-    _write_tar(path, members)
+    write_tar(path, members)
     _reseal(w, path, n_samples=len({name.split(".")[0] for name, _ in members}))
     return path
 
