@@ -39,11 +39,20 @@ def ensure_scenario(cfg: RunConfig) -> Manifest:
     data_dir = Path(sc.data_dir)
     if (data_dir / "manifest.json").is_file():
         m = Manifest.load(data_dir)
-        if m.source == sc.source and m.n_tasks == sc.n_tasks:
-            return m
-        raise UserError(f"{data_dir} holds a {m.source} stream of {m.n_tasks} tasks, not the "
-                        f"{sc.source} stream of {sc.n_tasks} that scenario={sc.name} asks for; set "
-                        f"scenario.data_dir to another directory or remove it")
+        if m.source != sc.source or m.n_tasks != sc.n_tasks:
+            raise UserError(f"{data_dir} holds a {m.source} stream of {m.n_tasks} tasks, not the "
+                            f"{sc.source} stream of {sc.n_tasks} that scenario={sc.name} asks for; "
+                            f"set scenario.data_dir to another directory or remove it")
+        # a scenario whose caps or class order changed must not silently reuse the old shards
+        asked = {"seed": sc.class_order_seed, "max_train_per_class": sc.max_train_per_class,
+                 "max_test_per_class": sc.max_test_per_class}
+        differ = [f"{k}: built {m.build[k]}, asked {v}" for k, v in asked.items()
+                  if k in m.build and m.build[k] != v]
+        if differ:
+            raise UserError(f"{data_dir} was built with other settings than scenario={sc.name} "
+                            f"asks for ({'; '.join(differ)}); set scenario.data_dir to another "
+                            f"directory or remove it to rebuild")
+        return m
     from .data.build import build_dataset
     print(f"[data] building {sc.source} shards into {data_dir} ...", flush=True)
     return build_dataset(sc.source, data_dir, root=sc.root, n_tasks=sc.n_tasks,

@@ -53,6 +53,18 @@ def test_missing_data_root(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+def test_data_dir_built_with_other_caps(tmp_path, digits_dir, capsys):
+    """A scenario whose caps changed must not silently reuse shards built with the old ones."""
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    run_dir = tmp_path / "run"
+    code, err = _run(["run", "scenario=digits_5t", f"scenario.data_dir={data}",
+                      "scenario.max_train_per_class=7", f"run_dir={run_dir}"], capsys)
+    assert code == 2
+    assert "max_train_per_class" in err and "asked 7" in err and str(data) in err
+    assert not run_dir.exists()
+
+
 def test_manifest_not_matching_shards(tmp_path, digits_dir, capsys):
     data = tmp_path / "data"
     shutil.copytree(digits_dir, data)
