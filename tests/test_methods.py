@@ -312,16 +312,31 @@ def test_sdlora_rank_schedule():
 
 
 def test_sdlora_official_normalisation():
-    method = make_method("sdlora", variant="official")
+    method = make_method("sdlora", variant="official", boundary="normalise")
     model = fresh_model(method)
     layer = next(iter(model.lora_layers().values()))
     layer.add_adapter("t000", 3)
     layer.set_adapter_weights("t000", torch.randn(layer.out_features, 3), torch.randn(3, layer.in_features))
     expect = torch.linalg.norm(layer.lora_B["t000"]) * torch.linalg.norm(layer.lora_A["t000"])
     assert torch.allclose(method.direction_norm(layer, "t000"), expect)
-    paper = make_method("sdlora")
+    paper = make_method("sdlora", boundary="normalise")
     assert torch.allclose(paper.direction_norm(layer, "t000"),
                           torch.linalg.norm(layer.lora_B["t000"] @ layer.lora_A["t000"]))
+
+
+@pytest.mark.parametrize("boundary", ["continuous", "normalise"])
+def test_sdlora_boundary(boundary):
+    """When task 1 starts, task 0's B A turns into a frozen direction. `continuous` leaves the
+    model computing exactly what was evaluated after task 0; `normalise` rescales the update."""
+    run = stream("sdlora", boundary=boundary)
+    method = run["method"]
+    model = load_into_fresh(run, 0)
+    after_task0 = predict(method, model, 0)
+    method._wire(model, current=None)  # as task 1's job wires it: t000 is an old direction now
+    with torch.no_grad():
+        at_task1_start = model(EVAL_X)
+    assert torch.equal(after_task0, run["logits"][0])
+    assert torch.allclose(at_task1_start, after_task0, atol=1e-5) == (boundary == "continuous")
 
 
 def _kd_model(method, combination: bool):
