@@ -48,7 +48,7 @@ class MethodConfig:
     # InfLoRA
     gpm_eps: float = 0.95  # DualGPM eps_0: eps_t = eps_0 + (1 - eps_0) t / T
     # CoDyRA
-    kappa_max: float = 0.005  # final l1 proximal threshold
+    kappa_max: float = 0.05  # final l1 proximal threshold per step (paper: 0.005)
     dense_fraction: float = 0.5  # fraction of a task's steps before the proximal steps start
     kappa_steps: int = 50  # variant=official: staircase levels of kappa
 
