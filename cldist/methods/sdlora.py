@@ -121,7 +121,7 @@ class SDLoRA(ContinualMethod):
 
     @property
     def normalise(self) -> bool:
-        return self.cfg.get("boundary", "normalise") == "normalise"
+        return self.cfg.get("boundary", "continuous") == "normalise"
 
     @torch.no_grad()
     def direction_norm(self, layer, key: str) -> torch.Tensor:
