@@ -21,8 +21,9 @@ the ~76 steps of a Split Fashion-MNIST task (300 images x 2 classes, batch 32, 4
 w ~ N(0, 1) that can zero only the ~8 % of components with |w| < 0.1, so CoDyRA behaves as a
 rank-16 sequential LoRA (measured Acc 16.2 there, below seq-FT). cldist's default 0.05 (total
 ~1) keeps 31-37 % of the components per task there (measured Acc 32.2, docs/RESULTS.md). Set it
-to keep the pruning you want for your stream's step count; the task meta records `kept_fraction`. `variant: official`
-reproduces the authors' code more literally: kappa follows a staircase of `kappa_steps` (50)
+to keep the pruning you want for your stream's step count; the task meta records `kept_fraction`.
+
+`variant: official` reproduces the authors' code more literally: kappa follows a staircase of `kappa_steps` (50)
 levels linspace(0, kappa_max) advanced every (S - s0) // kappa_steps steps, and the threshold is
 applied as three successive in-place ops (w > k: w -= k; w < -k: w += k; |w| < k: w = 0), which
 also zeroes weights that the first two ops brought below k (|w| < 2k is zeroed).
