@@ -23,8 +23,9 @@ rank-16 sequential LoRA (measured Acc 16.2 there, below seq-FT). cldist's defaul
 ~1) keeps 31-37 % of the components per task there (measured Acc 32.2, docs/RESULTS.md). Set it
 to keep the pruning you want for your stream's step count; the task meta records `kept_fraction`.
 
-`variant: official` reproduces the authors' code more literally: kappa follows a staircase of `kappa_steps` (50)
-levels linspace(0, kappa_max) advanced every (S - s0) // kappa_steps steps, and the threshold is
+`variant: official` reproduces the authors' code more literally: kappa follows a staircase of
+`kappa_steps` (50) levels linspace(0, kappa_max) advanced every (S - s0) // kappa_steps steps,
+and the threshold is
 applied as three successive in-place ops (w > k: w -= k; w < -k: w += k; |w| < k: w = 0), which
 also zeroes weights that the first two ops brought below k (|w| < 2k is zeroed).
 
