@@ -46,17 +46,40 @@ def _max_diff(a: nn.Module, b: nn.Module) -> float:
 
 # ------------------------------------------------------------------ DeepSpeed, no Ray
 
-@pytest.mark.parametrize("zero_stage", [0, 2, 3])
-def test_deepspeed_engine_matches_torch_adamw(zero_stage):
+@pytest.mark.parametrize("zero_stage,optimizer", [(0, "adamw"), (2, "adamw"), (3, "adamw"),
+                                                   (0, "sgd"), (2, "sgd")])
+def test_deepspeed_engine_matches_torch_engine(zero_stage, optimizer):
     from cldist.distributed.deepspeed_engine import DeepSpeedStepEngine
 
     reference, model = _tiny_model(), _tiny_model()
     reference_lrs = _train(TorchStepEngine(reference, reference.parameters(), lr=1e-2,
-                                           weight_decay=0.05, total_steps=STEPS), _batches())
+                                           weight_decay=0.05, total_steps=STEPS,
+                                           optimizer=optimizer), _batches())
     lrs = _train(DeepSpeedStepEngine(model, model.parameters(), lr=1e-2, weight_decay=0.05,
-                                     total_steps=STEPS, zero_stage=zero_stage), _batches())
+                                     total_steps=STEPS, zero_stage=zero_stage,
+                                     optimizer=optimizer), _batches())
     assert lrs == pytest.approx(reference_lrs, abs=1e-12)
     assert _max_diff(model, reference) < 1e-6
+
+
+def test_sgd_engine_steps_in_proportion_to_the_gradient():
+    """`optimizer="sgd"` is SGD with momentum 0.9: the first step is -lr * grad exactly (AdamW's
+    would be about -lr * sign(grad)), and unknown names are refused with the choices."""
+    from cldist.train.engine import make_optimizer
+
+    model = _tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    engine = TorchStepEngine(model, model.parameters(), lr=0.1, weight_decay=0.0,
+                             total_steps=STEPS, optimizer="sgd")
+    (x, y), = _batches(n=1)
+    loss = nn.functional.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    engine.backward_and_step(nn.functional.cross_entropy(model(x), y))
+    for p, p0, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * g)
+    assert engine.optimizer.param_groups[0]["momentum"] == 0.9
+    with pytest.raises(ValueError, match="adamw, sgd"):
+        make_optimizer("lion", list(model.parameters()), 1e-3, 0.0)
 
 
 def test_zero3_finish_leaves_full_plain_weights_and_a_second_phase_works():

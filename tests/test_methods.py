@@ -118,11 +118,11 @@ def fresh_model(method, reference=None):
 
 
 class CheckingEngine(TorchStepEngine):
-    """AdamW that asserts, after every backward, that exactly the requested parameters have
-    gradients (a frozen parameter with requires_grad left on would show up here)."""
+    """The torch engine, asserting after every backward that exactly the requested parameters
+    have gradients (a frozen parameter with requires_grad left on would show up here)."""
 
-    def __init__(self, module, params, lr, weight_decay, total_steps):
-        super().__init__(module, params, lr, weight_decay, total_steps)
+    def __init__(self, module, params, lr, weight_decay, total_steps, optimizer="adamw"):
+        super().__init__(module, params, lr, weight_decay, total_steps, optimizer)
         self.allowed = {id(p) for p in params}
 
     def backward_and_step(self, loss):
@@ -270,8 +270,9 @@ def test_new_method_options_are_validated():
         method_config("inflora", gpm_eps=0.0, blocks=0)
     assert "method.gpm_eps" in str(e.value) and "method.blocks" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        method_config("sdlora_rr", rank_schedule=[10, 0], kd_threshold=-1.0)
-    assert "method.rank_schedule" in str(e.value) and "method.kd_threshold" in str(e.value)
+        method_config("sdlora_rr", rank_schedule=[10, 0], kd_threshold=-1.0, optimizer="lion")
+    for key in ("method.rank_schedule", "method.kd_threshold", "method.optimizer=lion"):
+        assert key in str(e.value)
 
 
 # -- PEARL ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from ..errors import ConfigError
+from ..train.engine import OPTIMIZERS
 
 RUNNERS = ("ray", "inline")
 NORMALIZATIONS = ("backbone", "none")
@@ -23,6 +24,7 @@ class MethodConfig:
     epochs: int = 3  # main training epochs (PEARL: stage 2)
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9; SD-LoRA's official code)
     # PEARL
     stage1_epochs: int = 1
     stage1_lr: float = 1e-3
@@ -192,6 +194,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                  f"{', '.join(sorted(THRESHOLD_RULES))}")
     if cfg.method.reference not in ("auto", "pretrained", "first_task"):
         p.append(f"method.reference={cfg.method.reference}: choose auto, pretrained or first_task")
+    if cfg.method.optimizer not in OPTIMIZERS:
+        p.append(f"method.optimizer={cfg.method.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.method.variant not in ("paper", "official"):
         p.append(f"method.variant={cfg.method.variant}: choose paper or official")
     m = cfg.method

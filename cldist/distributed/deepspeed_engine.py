@@ -1,9 +1,9 @@
 """DeepSpeed step engine: the Ray runner's optimiser back-end (see `cldist.train.engine`).
 
 `DeepSpeedStepEngine` wraps the caller's model in a DeepSpeed engine for one training phase
-(one fixed trainable set): a client `torch.optim.AdamW` plus a cosine schedule over
-`total_steps`, ZeRO stage 0-3, no gradient clipping - so that with one process it computes
-the same update as `TorchStepEngine`. Precision: fp32 on CPU; on GPU the weights and the
+(one fixed trainable set): a client torch optimiser (AdamW or SGD, `method.optimizer`) plus a
+cosine schedule over `total_steps`, ZeRO stage 0-3, no gradient clipping - so that with one
+process it computes the same update as `TorchStepEngine`. Precision: fp32 on CPU; on GPU the weights and the
 optimiser state stay fp32 and the forward runs under DeepSpeed's `torch_autocast` (bf16), so
 fp32 inputs work unchanged and `finish()` hands back fp32 weights.
 
@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from ..train.engine import make_optimizer
 
 
 def _quiet_deepspeed() -> None:
@@ -142,7 +144,8 @@ class DeepSpeedStepEngine:
     Args:
         module: the model; all of it is wrapped, only `params` are trained.
         params: the trainable parameters (those with `requires_grad` are kept).
-        lr, weight_decay: AdamW's; the schedule is cosine over `total_steps` (as torch's).
+        lr, weight_decay, optimizer: the client optimiser (`cldist.train.engine.make_optimizer`:
+            adamw or sgd); the schedule is cosine over `total_steps` (as torch's).
         total_steps: optimiser steps in this phase.
         zero_stage: ZeRO stage 0-3.
         micro_batch_size: per-worker batch size (DeepSpeed bookkeeping only; the loop
@@ -159,7 +162,8 @@ class DeepSpeedStepEngine:
 
     def __init__(self, module: nn.Module, params: Iterable[nn.Parameter], lr: float,
                  weight_decay: float, total_steps: int, zero_stage: int = 0,
-                 micro_batch_size: int = 1, use_bf16: bool | None = None):
+                 micro_batch_size: int = 1, use_bf16: bool | None = None,
+                 optimizer: str = "adamw"):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -180,12 +184,12 @@ class DeepSpeedStepEngine:
         self.zero_stage = zero_stage
         self._snapshot = _ModuleSnapshot(module)
 
-        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+        client_optimizer = make_optimizer(optimizer, trainable, lr, weight_decay)
         steps = max(1, total_steps)
         engine, _, _, _ = deepspeed.initialize(
             model=module,
             model_parameters=trainable,
-            optimizer=optimizer,
+            optimizer=client_optimizer,
             # A callable, so the scheduler is built on the optimiser DeepSpeed keeps.
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps),
             config=deepspeed_config(zero_stage, micro_batch_size, use_bf16),

@@ -61,10 +61,10 @@ def task_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.trainer.torch_threads or cfg.trainer.cpus_per_worker)))
     coordinator = ray.get_actor(config["coordinator"], namespace=config["namespace"])
 
-    def make_engine(module, params, lr, weight_decay, total_steps):
+    def make_engine(module, params, lr, weight_decay, total_steps, optimizer="adamw"):
         return DeepSpeedStepEngine(module, params, lr, weight_decay, total_steps,
                                    zero_stage=cfg.trainer.zero_stage,
-                                   micro_batch_size=cfg.trainer.batch_size)
+                                   micro_batch_size=cfg.trainer.batch_size, optimizer=optimizer)
 
     def allocate_ranks(task_vectors, params):
         # rank 0 holds the gathered task vectors after finish(); one request, then broadcast

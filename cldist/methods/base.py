@@ -44,6 +44,8 @@ class FitRequest:
     after_step: Callable[[int, int], None] | None = None
     # "task": the current task's data; "seen": tasks 0..t mixed (the joint baseline)
     data: str = "task"
+    # "adamw" | "sgd" (`cldist.train.engine.make_optimizer`); None: the run's method.optimizer
+    optimizer: str | None = None
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The training loop: one phase, a fixed trainable set, an engine that applies the updates.
 
-`fit` is the same for the inline runner (plain torch AdamW) and the Ray runner (a DeepSpeed
+`fit` is the same for the inline runner (a plain torch optimiser) and the Ray runner (a DeepSpeed
 engine per phase): only `make_engine` differs. Each rank iterates over its own share of the
 task's batches; the engine (DeepSpeed) averages gradients across ranks.
 """
@@ -17,7 +17,8 @@ from ..errors import UserError
 from ..methods.base import FitRequest
 from .engine import StepEngine
 
-MakeEngine = Callable[[nn.Module, list, float, float, int], StepEngine]
+# (module, params, lr, weight_decay, total_steps, optimizer=...) -> engine
+MakeEngine = Callable[..., StepEngine]
 OnEpoch = Callable[[str, int, int, float, float], None]
 
 
@@ -39,7 +40,8 @@ def fit(model: nn.Module, request: FitRequest,
     """
     total_steps = max(1, request.epochs * steps_per_epoch)
     begin = time.perf_counter()
-    engine = make_engine(model, request.params, request.lr, request.weight_decay, total_steps)
+    engine = make_engine(model, request.params, request.lr, request.weight_decay, total_steps,
+                         optimizer=request.optimizer or "adamw")
     engine_seconds = time.perf_counter() - begin  # DeepSpeed's start-up, for the benchmarks
     model.train()
     losses: list[float] = []

@@ -11,6 +11,8 @@ coordinator actor fanning them out) and `on_epoch` (progress).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import time
 import uuid
@@ -104,8 +106,8 @@ def task_generator(seed: int, task_id: int, salt: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(task_seeds(seed, task_id)["method_generator"] + salt)
 
 
-def torch_engine(module, params, lr, weight_decay, total_steps):
-    return TorchStepEngine(module, params, lr, weight_decay, total_steps)
+def torch_engine(module, params, lr, weight_decay, total_steps, optimizer="adamw"):
+    return TorchStepEngine(module, params, lr, weight_decay, total_steps, optimizer)
 
 
 def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
@@ -169,6 +171,8 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
             if on_epoch is not None and rank == 0:
                 on_epoch(t, phase, epoch, n_epochs, loss_value, lr)
         source, n_steps = (seen_batches, seen_steps) if request.data == "seen" else (batches, steps)
+        if request.optimizer is None:  # the method left it to the run's config
+            request = dataclasses.replace(request, optimizer=cfg.method.optimizer)
         return loop.fit(model_, request, source, n_steps, make_engine, device, report, task_id=t,
                         lr_key=lr_key(cfg, request.lr))
 
