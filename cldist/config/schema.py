@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from ..errors import ConfigError
-from ..train.engine import OPTIMIZERS
 
 RUNNERS = ("ray", "inline")
 NORMALIZATIONS = ("backbone", "none")
@@ -148,6 +147,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Check every value; raise one ConfigError that lists all problems."""
     from ..coordinator.ranks import THRESHOLD_RULES
     from ..methods.base import get_method_class
+    from ..train.engine import OPTIMIZERS
     p: list[str] = []
     try:
         get_method_class(cfg.method.name)

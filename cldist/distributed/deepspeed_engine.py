@@ -3,9 +3,9 @@
 `DeepSpeedStepEngine` wraps the caller's model in a DeepSpeed engine for one training phase
 (one fixed trainable set): a client torch optimiser (AdamW or SGD, `method.optimizer`) plus a
 cosine schedule over `total_steps`, ZeRO stage 0-3, no gradient clipping - so that with one
-process it computes the same update as `TorchStepEngine`. Precision: fp32 on CPU; on GPU the weights and the
-optimiser state stay fp32 and the forward runs under DeepSpeed's `torch_autocast` (bf16), so
-fp32 inputs work unchanged and `finish()` hands back fp32 weights.
+process it computes the same update as `TorchStepEngine`. Precision: fp32 on CPU; on GPU the
+weights and the optimiser state stay fp32 and the forward runs under DeepSpeed's
+`torch_autocast` (bf16), so fp32 inputs work unchanged and `finish()` hands back fp32 weights.
 
 `engine.module` is the DeepSpeed engine itself (an `nn.Module`): call it for the forward pass,
 because that is where DeepSpeed enters autocast and, under ZeRO-3, gathers partitioned

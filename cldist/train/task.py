@@ -12,7 +12,6 @@ coordinator actor fanning them out) and `on_epoch` (progress).
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import time
 import uuid
