@@ -572,6 +572,20 @@ def test_joint_trains_on_all_seen_data_from_the_initial_backbone():
     assert run["requests"][1][0].loss_fn(logits, torch.tensor([2])) < 1e-3
 
 
+def test_linear_probe_never_changes_the_backbone():
+    """Only the heads train: on a CNN the backbone's weights and BatchNorm statistics after the
+    last task equal the initial ones bit for bit, and every task depends on nothing."""
+    method = make_cnn_method("linear_probe")
+    initial = fresh_model(method).backbone.state_dict()
+    run = train_stream(method)
+    for t in range(N_TASKS):
+        assert method.state_dependencies(t) == []
+        assert set(run["states"][t]) == {"head"}
+    final = run["models"][-1].backbone.state_dict()
+    assert set(final) == set(initial)
+    assert all(torch.equal(final[k], initial[k]) for k in initial)
+
+
 # -- CNN backbones ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["sdlora", "sdlora_kd", "inflora", "codyra", "seq_lora"])
 def test_conv_targets_contract(name):

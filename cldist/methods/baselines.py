@@ -7,6 +7,9 @@ seq_lora: ONE fixed-rank LoRA (rank 8 on q and v) trained continually across all
 growing head; no isolation, so later tasks overwrite what earlier ones learned in the adapter.
 
 joint: the upper bound - at task t, train on the data of tasks 0..t mixed, over all seen classes.
+
+linear_probe: the frozen pre-trained backbone and one linear head per task: features never
+change, so whatever Class-IL accuracy it loses is cross-task confusion between the heads.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from ..models.continual import ContinualClassifier, freeze, task_key
-from .common import adapter_model, head_state, load_head
+from .common import adapter_model, freeze_batchnorm_stats, head_state, load_head
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
 
@@ -178,3 +181,48 @@ class Joint(ContinualMethod):
 
     def activate_model(self, model: ContinualClassifier, upto_task: int) -> None:
         model.activate([], [task_key(i) for i in range(upto_task + 1)])
+
+
+@register_method
+class LinearProbe(ContinualMethod):
+    """Zero-forgetting reference for the features: the backbone (BatchNorm statistics included)
+    never changes; task t trains only its head h_t on its own logits, and Class-IL prediction
+    takes argmax over the concatenated heads, pred(x) = argmax_c [h_0(f(x)), ..., h_t(f(x))]_c.
+
+    Any gap to joint is therefore the heads' cross-task confusion, never lost features: with
+    task-local cross-entropy the gradient of every head sums to zero over its classes, so the
+    level each head's logits sit at (their common mode) is never trained, only initialised.
+    Tasks depend on nothing but the backbone (graph "independent"); each task is a sub-network
+    (backbone + its head), so the evaluator scores a head once per test set."""
+
+    name = "linear_probe"
+    prediction = "subnetworks"
+    graph = "independent"
+
+    def build(self, backbone: nn.Module, feature_dim: int,
+              classes_per_task: Sequence[int]) -> ContinualClassifier:
+        model = ContinualClassifier(backbone, feature_dim)
+        freeze_batchnorm_stats(model)
+        freeze(model)
+        return model
+
+    def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
+        key = task_key(ctx.task_id)
+        model.add_head(key, ctx.n_classes, ctx.generator)
+        model.activate([], [key])
+        fit = ctx.fit(model, FitRequest("probe", trainable(model.heads[key].parameters()),
+                                        int(self.cfg["epochs"]), float(self.cfg["lr"]),
+                                        current_task_loss(ctx.offset),
+                                        weight_decay=float(self.cfg.get("weight_decay", 0.0))))
+        freeze(model)
+        return {"fits": [fit]}
+
+    def task_state(self, model: ContinualClassifier, task_id: int):
+        return {"head": head_state(model, task_key(task_id))}
+
+    def load_task_state(self, model: ContinualClassifier, task_id: int, state) -> None:
+        load_head(model, task_key(task_id), state["head"])
+        freeze(model)
+
+    def activate_subnetwork(self, model: ContinualClassifier, task_id: int) -> None:
+        model.activate([], [task_key(task_id)])
