@@ -275,7 +275,7 @@ def cmd_eval(run_dir: str) -> int:
     from .coordinator.store import RunState, load_run_manifest
     from .eval.metrics import summarize
     from .runners.inline import InlineRunner
-    from .stream import StreamEvaluator
+    from .stream import StreamEvaluator, task_il_metrics
     from .train.task import make_method
     path, data = _read_run_config(run_dir)
     cfg = config_from_dict(data, origin=str(path))
@@ -292,7 +292,7 @@ def cmd_eval(run_dir: str) -> int:
         evaluator.task_finished(t)
     s = summarize(evaluator.rows, n_test)
     out = {"acc": s["acc"], "aaa": s["aaa"], "forgetting": s["forgetting"], "bwt": s["bwt"],
-           "accuracy_matrix": evaluator.rows}
+           "accuracy_matrix": evaluator.rows, **task_il_metrics(evaluator.task_il_rows, n_test)}
     print(json.dumps(out, indent=2))
     return 0
 

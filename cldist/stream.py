@@ -20,7 +20,7 @@ from .coordinator.store import load_run_manifest, prepare_resume, save_run_manif
 from .data.manifest import Manifest
 from .errors import UserError
 from .eval.metrics import summarize
-from .eval.scoring import row_from_blocks
+from .eval.scoring import row_from_blocks, task_il_from_blocks
 from .report.progress import Progress
 from .report.summary import format_summary_table
 from .report.tensorboard import TensorBoardLogger
@@ -168,6 +168,7 @@ class StreamEvaluator:
         self.blocks: dict = {}
         self.labels: dict = {}
         self.rows: list[list[float]] = []
+        self.task_il_rows: list[list[float]] = []  # the same rows with the task id given
         self.eval_seconds: list[float] = []
         self.eval_tasks_seen: list[int] = []  # tasks covered by each eval_seconds entry
 
@@ -196,10 +197,13 @@ class StreamEvaluator:
                     if j not in self.labels:
                         self.labels[j] = self.runner.test_labels(j)
                 row = row_from_blocks(r, self.blocks, self.labels)
+                task_il = [task_il_from_blocks(j, self.blocks, self.labels) for j in range(r + 1)]
             else:
                 scores = self.runner.score_single(r, list(range(r + 1)))
-                row = [scores[j] for j in range(r + 1)]
+                row = [scores[j][0] for j in range(r + 1)]
+                task_il = [scores[j][1] for j in range(r + 1)]
             self.rows.append(row)
+            self.task_il_rows.append(task_il)
             new_rows.append(r)
         elapsed = time.perf_counter() - start
         if new_rows:
@@ -207,6 +211,14 @@ class StreamEvaluator:
             self.eval_seconds.append(elapsed / max(1, images))
             self.eval_tasks_seen.append(new_rows[-1] + 1)
         return new_rows
+
+
+def task_il_metrics(task_il_rows: list[list[float]], n_test: list[int]) -> dict:
+    """metrics.json's Task-IL keys: the final accuracy and forgetting with the task id given,
+    and their matrix (cldist.eval.scoring)."""
+    s = summarize(task_il_rows, n_test)
+    return {"task_il_acc": s["acc"], "task_il_forgetting": s["forgetting"],
+            "task_il_accuracy_matrix": task_il_rows}
 
 
 def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
@@ -240,7 +252,8 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
     def record_rows(rows: list[int]) -> None:
         for r in rows:
             s = summarize(evaluator.rows[: r + 1], n_test[: r + 1])
-            tb.log_task_row(r, evaluator.rows[r], s["acc"], s["aaa"])
+            til = summarize(evaluator.task_il_rows[: r + 1], n_test[: r + 1])["acc"]
+            tb.log_task_row(r, evaluator.rows[r], s["acc"], s["aaa"], til)
             progress.message(f"[eval] after task {r:03d}: Acc {s['acc']:.2f}%  AAA {s['aaa']:.2f}%  "
                              f"row {[round(x, 1) for x in evaluator.rows[r]]}")
         coordinator.set_rows(evaluator.rows)
@@ -298,7 +311,8 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
                "scenario": cfg.scenario.name, "backbone": cfg.backbone.name, "seed": cfg.seed,
                "train_seconds_per_task": [meta.get(str(t), {}).get("train_seconds") for t in range(n)],
                "eval_seconds_per_image": evaluator.eval_seconds,
-               "eval_tasks_seen": evaluator.eval_tasks_seen}
+               "eval_tasks_seen": evaluator.eval_tasks_seen,
+               **task_il_metrics(evaluator.task_il_rows, n_test)}
     write_json_atomic(run_dir / "metrics.json", metrics)
     coordinator.set("status", "finished")
     tb.log_hparams(_flat_hparams(cfg), {k: metrics[k] for k in ("acc", "aaa", "forgetting", "bwt",

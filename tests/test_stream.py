@@ -33,6 +33,12 @@ def _check_run(metrics, run_dir, n_tasks):
     assert CLI_KEYS <= set(metrics)
     assert metrics["n_tasks"] == n_tasks
     assert [len(r) for r in metrics["accuracy_matrix"]] == list(range(1, n_tasks + 1))
+    # the task id can only help: Task-IL >= Class-IL entry by entry (image by image, in fact)
+    task_il = metrics["task_il_accuracy_matrix"]
+    assert [len(r) for r in task_il] == list(range(1, n_tasks + 1))
+    for row, til_row in zip(metrics["accuracy_matrix"], task_il):
+        assert all(t >= c for c, t in zip(row, til_row))
+    assert metrics["task_il_acc"] >= metrics["acc"]
     on_disk = json.loads((run_dir / "metrics.json").read_text())
     assert on_disk["acc"] == pytest.approx(metrics["acc"])
     state = json.loads((run_dir / "state.json").read_text())
@@ -49,6 +55,9 @@ def _check_run(metrics, run_dir, n_tasks):
 def test_pearl_inline_two_tasks(tmp_path, digits_dir):
     metrics, run_dir = _two_task(tmp_path, digits_dir, "inline", "inline")
     _check_run(metrics, run_dir, 2)
+    # a frozen sub-network's Task-IL accuracy never changes; alone, it is its Class-IL accuracy
+    task_il = metrics["task_il_accuracy_matrix"]
+    assert task_il[1][0] == task_il[0][0] and task_il[0] == metrics["accuracy_matrix"][0]
     # test_vit has no pre-trained weights: task 0 trains the reference, task 1 gets a LoRA
     assert (run_dir / "reference.safetensors").is_file()
     ranks = json.loads((run_dir / "state.json").read_text())["ranks"]
@@ -56,6 +65,14 @@ def test_pearl_inline_two_tasks(tmp_path, digits_dir):
     depth = len(timm.create_model("test_vit", num_classes=0, img_size=16, patch_size=4).blocks)
     assert ranks["0"] == {} and len(ranks["1"]) == depth  # one key projection per block
     assert all(r >= 1 for r in ranks["1"].values())
+
+
+def test_single_model_method_scores_task_il(tmp_path, digits_dir):
+    """A one-model method (seq-LoRA) through the same stream: its Task-IL row is the argmax
+    over the true task's logits; with a single task seen it equals Class-IL."""
+    metrics, run_dir = _two_task(tmp_path, digits_dir, "inline", "seq", "method=seq_lora")
+    _check_run(metrics, run_dir, 2)
+    assert metrics["task_il_accuracy_matrix"][0] == metrics["accuracy_matrix"][0]
 
 
 @pytest.mark.slow
@@ -90,6 +107,7 @@ def test_resume_and_eval_reproduce_the_run(tmp_path, digits_dir, capsys):
     assert main(["eval", str(run_dir)]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["accuracy_matrix"] == metrics["accuracy_matrix"]
+    assert evaluated["task_il_accuracy_matrix"] == metrics["task_il_accuracy_matrix"]
 
 
 def test_resume_refuses_conflicting_override(tmp_path, capsys):

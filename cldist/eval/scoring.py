@@ -9,6 +9,11 @@ any row of the accuracy matrix follows from those blocks:
     pred_t(x) = label of max_{i <= t} best_i(x)
 
 Single-model methods: after task t, one model over all seen classes scores test sets 0..t.
+
+Beside the Class-IL accuracy, each score also gives the task-incremental (Task-IL) accuracy:
+the same logits, but the argmax taken only over the true task's classes (the task id given).
+Task-IL >= Class-IL image by image; the gap is cross-task confusion, and Task-IL forgetting is
+what a method loses in its features and heads, whatever the calibration between tasks.
 """
 from __future__ import annotations
 
@@ -100,22 +105,38 @@ class Scorer:
                 start = end
         return blocks
 
-    def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, float]:
-        """Accuracy (%) of the model after `upto_task` on each test set."""
+    def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, tuple[float, float]]:
+        """(Class-IL, Task-IL) accuracy (%) of the model after `upto_task` on each test set."""
         # a single-model method's weights change every task: the model must hold exactly the
         # state after `upto_task`, so rebuild it (the decoded test sets stay cached)
         self._new_model()
         self.load_tasks(self.method.state_dependencies(upto_task) + [upto_task])
         self.method.activate_model(self.model, upto_task)
+        offsets = self.manifest.class_offsets()
         out = {}
         for j in tests:
             images, labels = self.test_set(j)
-            pred = self._logits(images).argmax(dim=1)
-            out[j] = 100.0 * float((pred == labels).float().mean()) if len(labels) else 0.0
+            if not len(labels):
+                out[j] = (0.0, 0.0)
+                continue
+            logits = self._logits(images)
+            n_j = len(self.manifest.tasks[j].classes)
+            own = logits[:, offsets[j]:offsets[j] + n_j].argmax(dim=1) + offsets[j]
+            out[j] = (100.0 * float((logits.argmax(dim=1) == labels).float().mean()),
+                      100.0 * float((own == labels).float().mean()))
         return out
 
     def test_labels(self, j: int) -> np.ndarray:
         return self.test_set(j)[1].numpy()
+
+
+def task_il_from_blocks(j: int, blocks: dict[tuple[int, int], Block],
+                        labels: dict[int, np.ndarray]) -> float:
+    """Task-IL accuracy (%) on test set j: sub-network j alone (frozen, so the same after every
+    later task)."""
+    if not len(labels[j]):
+        return 0.0
+    return 100.0 * float((blocks[(j, j)].label == labels[j]).mean())
 
 
 def row_from_blocks(t: int, blocks: dict[tuple[int, int], Block],

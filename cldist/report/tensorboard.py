@@ -64,11 +64,13 @@ class TensorBoardLogger:
 
     # ------------------------------------------------------------------ evaluation
 
-    def log_task_row(self, task_id: int, row: Sequence[float], acc: float, aaa: float) -> None:
+    def log_task_row(self, task_id: int, row: Sequence[float], acc: float, aaa: float,
+                     task_il_acc: float | None = None) -> None:
         """One accuracy-matrix row after task `task_id`, plus Acc/AAA so far; then flush.
 
         `eval/acc_task_{j}` (j unpadded) at step `task_id` traces task j's accuracy over the
-        stream, which is where forgetting shows.
+        stream, which is where forgetting shows; `eval/task_il_acc` is the accuracy after the
+        task with the task id given (cldist.eval.scoring).
         """
         step = int(task_id)
         with self._lock:
@@ -77,6 +79,8 @@ class TensorBoardLogger:
                 self._writer.add_scalar(f"eval/acc_task_{j}", float(accuracy), step)
             self._writer.add_scalar("eval/acc", float(acc), step)
             self._writer.add_scalar("eval/aaa", float(aaa), step)
+            if task_il_acc is not None:
+                self._writer.add_scalar("eval/task_il_acc", float(task_il_acc), step)
             self._writer.flush()
 
     def log_ranks(self, task_id: int, ranks: Mapping[str, int]) -> None:
