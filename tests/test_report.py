@@ -240,6 +240,14 @@ def test_single_model_report_has_no_rank_figure(tmp_path):
         check_png((run / relative).read_bytes(), relative)
     check_html_embeds(run / "report.html", n_figures=len(RUN_FIGURES))
     assert not (run / "tb").exists()
+    assert "Task-IL" not in report.read_text()  # written before Task-IL scoring: no section
+
+    task_il = [[98.0], [97.0, 99.0], [96.5, 98.0, 97.0], [95.0, 97.5, 96.0, 99.5]]
+    run = write_run(tmp_path / "with-task-il", method="seq_lora", task_il_acc=97.0,
+                    task_il_forgetting=2.5, task_il_accuracy_matrix=task_il)
+    text = write_report(run, tensorboard=False).read_text()
+    assert "## Task-IL accuracy" in text and "97.0 % after the last task" in text
+    assert "| 3 | 95.0 | 97.5 | 96.0 | 99.5 |" in text
 
 
 def test_params_per_task_from_either_key():

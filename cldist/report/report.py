@@ -249,6 +249,18 @@ def build_run_document(run_dir: Path, metrics: Mapping[str, Any],
         matrix_section.extra_tables.append(_matrix_table(matrix))
     sections.append(matrix_section)
 
+    task_il = metrics.get("task_il_accuracy_matrix")
+    if task_il:  # runs written before Task-IL scoring have none
+        til_section = Section(
+            "Task-IL accuracy",
+            f"The same predictions with the task id given (argmax over the true task's classes "
+            f"only): {float(metrics['task_il_acc']):.1f} % after the last task, forgetting "
+            f"{float(metrics['task_il_forgetting']):.1f} points. The gap to Class-IL Acc is "
+            f"confusion between tasks; Task-IL forgetting is what the method lost of each task.")
+        if len(task_il) <= MAX_MARKDOWN_MATRIX_TASKS:
+            til_section.extra_tables.append(_matrix_table(task_il))
+        sections.append(til_section)
+
     sections.append(Section(
         "Average accuracy",
         "Accuracy on all classes seen so far, after each task; AAA is the mean of this curve.",
