@@ -33,7 +33,7 @@ import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..config.schema import RunConfig
-from ..eval.scoring import Block
+from ..eval.scoring import Block, SingleScores
 from ..runners import OnTaskDone, ready_order
 from ..train.task import TaskJob
 from .actors import CoordinatorActor, CoordinatorProxy, EvaluatorActor
@@ -316,13 +316,13 @@ class RayRunner:
         parts = self._on_evaluators({k: ("score_blocks", (p,)) for k, p in shards.items()})
         return [b for k in sorted(parts) for b in parts[k]]
 
-    def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, float]:
+    def score_single(self, upto_task: int, tests: Sequence[int]) -> SingleScores:
         # shard the test sets across actors; each scores the same model on its share
         n = len(self.evaluators)
         parts = {k: list(tests)[k::n] for k in range(n)}
         scores = self._on_evaluators({k: ("score_single", (upto_task, p))
                                       for k, p in parts.items() if p})
-        out: dict[int, float] = {}
+        out: SingleScores = {}
         for part in scores.values():
             out.update(part)
         return out

@@ -31,6 +31,10 @@ from ..models.continual import ContinualClassifier
 from ..train.task import build_model, make_method, transforms
 
 
+# test set j -> (Class-IL accuracy %, Task-IL accuracy %) of a single model
+SingleScores = dict[int, tuple[float, float]]
+
+
 @dataclass
 class Block:
     """Sub-network `subnet` on test set `test`: best logit and its stream label per image."""
@@ -105,7 +109,7 @@ class Scorer:
                 start = end
         return blocks
 
-    def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, tuple[float, float]]:
+    def score_single(self, upto_task: int, tests: Sequence[int]) -> SingleScores:
         """(Class-IL, Task-IL) accuracy (%) of the model after `upto_task` on each test set."""
         # a single-model method's weights change every task: the model must hold exactly the
         # state after `upto_task`, so rebuild it (the decoded test sets stay cached)

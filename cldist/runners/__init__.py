@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol, Sequence
 
-from ..eval.scoring import Block
+from ..eval.scoring import Block, SingleScores
 from ..train.task import TaskJob
 
 # called with the (task, meta) pairs that finished together (one packed job), in task order
@@ -22,7 +22,7 @@ class Runner(Protocol):
 
     def score_blocks(self, pairs: Sequence[tuple[int, int]]) -> list[Block]: ...
 
-    def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, float]: ...
+    def score_single(self, upto_task: int, tests: Sequence[int]) -> SingleScores: ...
 
     def test_labels(self, j: int): ...
 

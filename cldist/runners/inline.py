@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from ..config.schema import RunConfig
 from ..coordinator.run_coordinator import RunCoordinator
-from ..eval.scoring import Block, Scorer
+from ..eval.scoring import Block, Scorer, SingleScores
 from ..train.task import TaskJob, train_task
 from . import OnTaskDone, ready_order
 
@@ -49,7 +49,7 @@ class InlineRunner:
     def score_blocks(self, pairs: Sequence[tuple[int, int]]) -> list[Block]:
         return self.scorer.score_blocks(pairs)
 
-    def score_single(self, upto_task: int, tests: Sequence[int]) -> dict[int, float]:
+    def score_single(self, upto_task: int, tests: Sequence[int]) -> SingleScores:
         return self.scorer.score_single(upto_task, tests)
 
     def test_labels(self, j: int):
