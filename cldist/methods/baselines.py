@@ -190,8 +190,9 @@ class LinearProbe(ContinualMethod):
     takes argmax over the concatenated heads, pred(x) = argmax_c [h_0(f(x)), ..., h_t(f(x))]_c.
 
     Any gap to joint is therefore the heads' cross-task confusion, never lost features: with
-    task-local cross-entropy the gradient of every head sums to zero over its classes, so the
-    level each head's logits sit at (their common mode) is never trained, only initialised.
+    task-local cross-entropy the gradient of every head sums to zero over its classes, so under
+    SGD without weight decay (the config's) the level each head's logits sit at - their common
+    mode, which decides between tasks - is never trained, only initialised.
     Tasks depend on nothing but the backbone (graph "independent"); each task is a sub-network
     (backbone + its head), so the evaluator scores a head once per test set."""
 
