@@ -13,7 +13,8 @@ defined for ``j <= t``, so row ``t`` has ``t + 1`` entries. With ``T`` tasks:
 - forgetting                   = mean_{j<T-1} forgetting_j               (0 when T == 1)
 - BWT  (backward transfer)     = mean_{j<T-1} (R[T-1][j] - R[j][j])     (0 when T == 1)
 
-Forgetting is >= 0 by construction; BWT is usually negative (old tasks lose accuracy).
+Forgetting is usually >= 0 and BWT usually negative (old tasks lose accuracy); an old task that
+ends above its best earlier accuracy makes its forgetting negative (it gained).
 """
 from __future__ import annotations
 
