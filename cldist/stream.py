@@ -19,7 +19,7 @@ from .atomic import write_json_atomic, write_text_atomic
 from .coordinator.store import load_run_manifest, prepare_resume, save_run_manifest
 from .data.manifest import Manifest
 from .errors import UserError
-from .eval.metrics import summarize
+from .eval.metrics import accuracy_after, summarize
 from .eval.scoring import row_from_blocks, task_il_from_blocks
 from .report.progress import Progress
 from .report.summary import format_summary_table
@@ -197,7 +197,9 @@ class StreamEvaluator:
                     if j not in self.labels:
                         self.labels[j] = self.runner.test_labels(j)
                 row = row_from_blocks(r, self.blocks, self.labels)
-                task_il = [task_il_from_blocks(j, self.blocks, self.labels) for j in range(r + 1)]
+                # a frozen sub-network's Task-IL never changes: extend the previous row
+                task_il = (self.task_il_rows[-1] if self.task_il_rows else []) + \
+                    [task_il_from_blocks(r, self.blocks, self.labels)]
             else:
                 scores = self.runner.score_single(r, list(range(r + 1)))
                 row = [scores[j][0] for j in range(r + 1)]
@@ -252,8 +254,8 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
     def record_rows(rows: list[int]) -> None:
         for r in rows:
             s = summarize(evaluator.rows[: r + 1], n_test[: r + 1])
-            til = summarize(evaluator.task_il_rows[: r + 1], n_test[: r + 1])["acc"]
-            tb.log_task_row(r, evaluator.rows[r], s["acc"], s["aaa"], til)
+            tb.log_task_row(r, evaluator.rows[r], s["acc"], s["aaa"],
+                            accuracy_after(evaluator.task_il_rows[r], n_test))
             progress.message(f"[eval] after task {r:03d}: Acc {s['acc']:.2f}%  AAA {s['aaa']:.2f}%  "
                              f"row {[round(x, 1) for x in evaluator.rows[r]]}")
         coordinator.set_rows(evaluator.rows)

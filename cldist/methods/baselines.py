@@ -202,9 +202,8 @@ class LinearProbe(ContinualMethod):
 
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:
-        model = ContinualClassifier(backbone, feature_dim)
+        model = super().build(backbone, feature_dim, classes_per_task)  # frozen, no adapters
         freeze_batchnorm_stats(model)
-        freeze(model)
         return model
 
     def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
