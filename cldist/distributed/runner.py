@@ -44,8 +44,9 @@ from .train_job import run_train_job
 def task_worker(config: dict) -> None:
     """Ray Train worker function: learn a group of independent tasks, one after the other.
 
-    After each task every rank reports (a barrier in Train V2) and rank 0 attaches the task's
-    files as a checkpoint. When Ray Train restarts the worker group after a failure
+    After each task every rank reports (a barrier in Train V2), rank 0 attaches the task's
+    files as a checkpoint, and the workers wait until the controller has registered the
+    report before the next task. When Ray Train restarts the worker group after a failure
     (`FailureConfig`), `get_checkpoint()` is the last task reported before it, so the retry
     carries on with the next task of the group instead of starting the group again.
     """
@@ -104,6 +105,21 @@ def task_worker(config: dict) -> None:
             # rank 0's task files are the checkpoint; Ray Train copies them to the run's storage
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging)
                              if rank == 0 else None)
+        if job is not jobs[-1]:
+            _wait_until_report_registered()
+
+
+def _wait_until_report_registered() -> None:
+    """Block until the Train controller has registered this worker's latest report.
+
+    A report sits in the worker's queue until the controller polls it (every couple of
+    seconds); a worker killed in between takes it along, and the retry's `get_checkpoint()`
+    would not know the task was done and learn it again. Waiting before the next task of a
+    packed job makes "reported" mean "kept". The last task of a job needs no wait: the job
+    only ends once the controller has collected every report.
+    """
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 class FailureReporter(ray.train.UserCallback):
