@@ -69,6 +69,8 @@ def bench_scheduling(work: Path) -> dict:
     variants = {
         "1 job at a time (baseline)": ("trainer.max_concurrent_tasks=1",),
         "2 jobs side by side": ("trainer.max_concurrent_tasks=2",),
+        "2 jobs side by side, every SVD a Ray task": ("trainer.max_concurrent_tasks=2",
+                                                      "cluster.svd_inline_max_flops=0"),
         "2 jobs side by side, 3 tasks per job": ("trainer.max_concurrent_tasks=2",
                                                  "trainer.tasks_per_job=3"),
         "1 job, 2 data-parallel workers": ("trainer.max_concurrent_tasks=1",

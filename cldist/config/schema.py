@@ -113,6 +113,9 @@ class ClusterConfig:
     num_gpus: Optional[int] = None
     eval_actors: int = 2
     svd_task_cpus: float = 0.0  # CPUs each per-layer SVD task reserves (see distributed/actors.py)
+    # a layer whose task vector (m x n) has m * n * min(m, n) at or below this is decomposed in
+    # the coordinator instead of a Ray task (default: up to 256 x 256); 0 fans every layer out
+    svd_inline_max_flops: int = 256 ** 3
 
 
 @dataclass
@@ -164,7 +167,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                             ("trainer.eval_batch_size", cfg.trainer.eval_batch_size, 1),
                             ("scenario.n_tasks", cfg.scenario.n_tasks, 1),
                             ("scenario.image_size", cfg.scenario.image_size, 8),
-                            ("cluster.eval_actors", cfg.cluster.eval_actors, 1)]:
+                            ("cluster.eval_actors", cfg.cluster.eval_actors, 1),
+                            ("cluster.svd_inline_max_flops", cfg.cluster.svd_inline_max_flops, 0)]:
         if value < low:
             p.append(f"{key}={value}: must be >= {low}")
     if cfg.trainer.epochs is not None and cfg.trainer.epochs < 1:

@@ -1,8 +1,10 @@
 """Ray actors of a run: the coordinator (owns run state, fans SVDs out) and evaluators.
 
 Coordinator: wraps `cldist.coordinator.run_coordinator.RunCoordinator`. Task jobs call
-`allocate_ranks` with their task vectors; each layer's SVD runs as its own Ray task (one torch
-thread) so a 12-layer ViT allocates in parallel across the cluster. The SVD tasks reserve
+`allocate_ranks` with their task vectors; each large layer's SVD runs as its own Ray task (one
+torch thread) so a 12-layer ViT allocates in parallel across the cluster. Small layers (below
+`cluster.svd_inline_max_flops`, default 256 x 256) are decomposed in the coordinator itself: their SVD
+takes microseconds to milliseconds, far less than a Ray task's round trip. The SVD tasks reserve
 `cluster.svd_task_cpus` CPUs (default 0): the jobs asking for ranks hold their workers' CPUs
 while they wait, so on a cluster that concurrent jobs fill completely, SVD tasks that reserve
 a CPU would wait for those jobs forever. Give them 1 on clusters with CPU headroom.
@@ -23,6 +25,18 @@ import torch
 from ..coordinator.run_coordinator import RunCoordinator, allocate_layer
 
 
+# m * n * min(m, n): the cost of a dense SVD of an m x n task vector, up to a constant.
+# Below 256^3 an SVD is cheaper than scheduling a Ray task for it (docs/BENCHMARKS.md);
+# the run's value is `cluster.svd_inline_max_flops`.
+INLINE_SVD_MAX_FLOPS = 256 ** 3
+
+
+def _svd_flops(w_task) -> int:
+    m = int(w_task.shape[0])
+    n = w_task.numel() // max(m, 1)  # a 1x1 conv's (out, in, 1, 1) is an out x in matrix
+    return m * n * min(m, n)
+
+
 @ray.remote(num_cpus=0)
 def svd_layer_task(name: str, w_ref, w_task, params: dict):
     torch.set_num_threads(1)  # one core per layer; the fan-out gives the parallelism
@@ -31,8 +45,11 @@ def svd_layer_task(name: str, w_ref, w_task, params: dict):
 
 @ray.remote(num_cpus=0, max_concurrency=16)
 class CoordinatorActor:
-    def __init__(self, run_dir: str, svd_task_cpus: float = 0.0, max_svd_in_flight: int = 2):
+    def __init__(self, run_dir: str, svd_task_cpus: float = 0.0, max_svd_in_flight: int = 2,
+                 inline_svd_max_flops: int = INLINE_SVD_MAX_FLOPS):
         import threading
+        torch.set_num_threads(1)  # inline SVDs of small layers: the actor reserves no CPU
+        self.inline_svd_max_flops = int(inline_svd_max_flops)
         self.inner = RunCoordinator(run_dir)
         self.events: list[dict] = []
         self.svd = svd_layer_task.options(num_cpus=svd_task_cpus)
@@ -43,6 +60,11 @@ class CoordinatorActor:
     def allocate_ranks(self, task_vectors: dict, params: dict) -> dict:
         results: dict = {}
         in_flight: list = []
+        small = {n: w for n, w in task_vectors.items()
+                 if _svd_flops(w[1]) <= self.inline_svd_max_flops}
+        for n, (w_ref, w_task) in small.items():
+            results[n] = allocate_layer(n, w_ref, w_task, params)[1]
+        task_vectors = {n: w for n, w in task_vectors.items() if n not in small}
 
         def collect(block: bool) -> None:
             nonlocal in_flight

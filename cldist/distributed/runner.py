@@ -181,7 +181,7 @@ class RayRunner:
             name=self.coordinator_name, namespace=self.namespace,
             scheduling_strategy=here).remote(
                 str(self.run_dir), float(cfg.cluster.svd_task_cpus),
-                max(1, int(self.info["cpus"])))
+                max(1, int(self.info["cpus"])), int(cfg.cluster.svd_inline_max_flops))
         self.coordinator = CoordinatorProxy(self._coordinator)
         self._evaluators: list | None = None
         self.job_nodes: dict[int, str] = {}
