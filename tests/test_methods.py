@@ -620,3 +620,29 @@ def test_inflora_tokens_are_what_the_weight_multiplies(conv):
         out = layer(x)
         expect = out.permute(0, 2, 3, 1).reshape(-1, W.shape[0]) if out.dim() == 4 else out.reshape(-1, W.shape[0])
         assert torch.allclose(tokens @ W.T + conv.bias, expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer,n_classes", [("sgd", 3), ("adamw", 2)])
+def test_zero_head_init_keeps_every_heads_mean_logit_at_zero(optimizer, n_classes):
+    """`method.head_init=zero`: a head trained on its own task's logits keeps its mean row,
+    so its logits average to 0 on every input - the property RESULTS.md's Class-IL analysis
+    relies on - while the default initialisation leaves a random common level. (SGD: any
+    number of classes; Adam's per-element scaling keeps it only for 2, whose gradients are
+    exact opposites.)"""
+    from cldist.models.continual import ContinualClassifier
+    torch.manual_seed(0)
+    model = ContinualClassifier(nn.Linear(12, 12), 12)
+    model.head_init = "zero"
+    head = model.add_head("t000", n_classes)
+    x, y = torch.randn(32, 12), torch.randint(0, n_classes, (32,))
+    opt = (torch.optim.SGD(head.parameters(), lr=0.5, momentum=0.9) if optimizer == "sgd"
+           else torch.optim.AdamW(head.parameters(), lr=0.05, weight_decay=0.01))
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(head(x), y).backward()
+        opt.step()
+    assert head.weight.abs().max() > 0.05  # it learnt
+    assert head.weight.mean(0).abs().max() < 1e-6 and abs(head.bias.mean()) < 1e-6
+    assert head(torch.randn(5, 12)).mean(1).abs().max() < 1e-5
+    model.head_init = "default"
+    assert model.add_head("t001", 3).bias.abs().mean() > 0  # nn.Linear's random draw

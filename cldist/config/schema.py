@@ -24,6 +24,10 @@ class MethodConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9; SD-LoRA's official code)
+    # a new task head's initialisation: default (nn.Linear's, as the official code) | zero
+    # (a head trained on its own task's logits then keeps its mean logit at 0 - under SGD, or
+    # Adam with 2 classes per task: see RESULTS.md)
+    head_init: str = "default"
     # PEARL
     stage1_epochs: int = 1
     stage1_lr: float = 1e-3
@@ -198,6 +202,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                  f"{', '.join(sorted(THRESHOLD_RULES))}")
     if cfg.method.reference not in ("auto", "pretrained", "first_task"):
         p.append(f"method.reference={cfg.method.reference}: choose auto, pretrained or first_task")
+    if cfg.method.head_init not in ("default", "zero"):
+        p.append(f"method.head_init={cfg.method.head_init}: choose one of default, zero")
     if cfg.method.optimizer not in OPTIMIZERS:
         p.append(f"method.optimizer={cfg.method.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if cfg.method.variant not in ("paper", "official"):

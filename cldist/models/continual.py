@@ -28,11 +28,20 @@ class ContinualClassifier(nn.Module):
         self.feature_dim = feature_dim
         self.heads = nn.ModuleDict()
         self.active_heads: tuple[str, ...] = ()
+        self.head_init = "default"  # or "zero" (`method.head_init`)
 
     # -- structure -------------------------------------------------------------------------
     def add_head(self, key: str, n_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
         head = nn.Linear(self.feature_dim, n_classes)
-        reset_linear(head, generator)  # drawn on the CPU generator, then moved beside the model
+        if self.head_init == "zero":
+            # the gradient of a cross-entropy over this head's own classes sums to zero across
+            # them, so SGD never moves the head's mean row (nor Adam, for 2 classes, whose
+            # gradients are exact opposites): it stays 0, and so does the head's mean logit -
+            # every task's logits on one common level in Class-IL
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        else:
+            reset_linear(head, generator)  # drawn on the CPU generator, then moved beside the model
         self.heads[key] = head.to(next(self.backbone.parameters()).device)
         return head
 

@@ -69,6 +69,7 @@ def build_model(cfg: RunConfig, method: ContinualMethod, manifest: Manifest,
         split_fused_qkv(backbone)
     classes = [len(t.classes) for t in manifest.tasks]
     model = method.build(backbone, int(backbone.num_features), classes)
+    model.head_init = cfg.method.head_init
     reference = load_reference(run_dir)
     if reference is not None:
         method.load_reference_state(model, reference)
