@@ -13,11 +13,13 @@ pytestmark = pytest.mark.ray
 def test_concurrent_rank_requests_do_not_deadlock(tmp_path, ray_cluster, inline_max):
     import ray
 
-    from cldist.distributed.actors import INLINE_SVD_MAX_FLOPS, CoordinatorActor, CoordinatorProxy
+    from cldist.config.schema import ClusterConfig
+    from cldist.distributed.actors import CoordinatorActor, CoordinatorProxy
 
     # 2 SVDs in flight at most; inline_max=0 sends even these small layers to Ray tasks
     actor = CoordinatorActor.remote(str(tmp_path), 0.0, 2,
-                                    INLINE_SVD_MAX_FLOPS if inline_max is None else inline_max)
+                                    ClusterConfig.svd_inline_max_flops if inline_max is None
+                                    else inline_max)
     proxy = CoordinatorProxy(actor)
     torch.manual_seed(0)
     vectors = {f"layer{i}": (torch.randn(24, 16), torch.randn(24, 16)) for i in range(6)}

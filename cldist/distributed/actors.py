@@ -22,16 +22,13 @@ import time
 import ray
 import torch
 
+from ..config.schema import ClusterConfig
 from ..coordinator.run_coordinator import RunCoordinator, allocate_layer
 
 
-# m * n * min(m, n): the cost of a dense SVD of an m x n task vector, up to a constant.
-# Below 256^3 an SVD is cheaper than scheduling a Ray task for it (docs/BENCHMARKS.md);
-# the run's value is `cluster.svd_inline_max_flops`.
-INLINE_SVD_MAX_FLOPS = 256 ** 3
-
-
 def _svd_flops(w_task) -> int:
+    """m * n * min(m, n): the cost of a dense SVD of an m x n task vector, up to a constant,
+    compared with `cluster.svd_inline_max_flops` (docs/BENCHMARKS.md)."""
     m = int(w_task.shape[0])
     n = w_task.numel() // max(m, 1)  # a 1x1 conv's (out, in, 1, 1) is an out x in matrix
     return m * n * min(m, n)
@@ -46,7 +43,7 @@ def svd_layer_task(name: str, w_ref, w_task, params: dict):
 @ray.remote(num_cpus=0, max_concurrency=16)
 class CoordinatorActor:
     def __init__(self, run_dir: str, svd_task_cpus: float = 0.0, max_svd_in_flight: int = 2,
-                 inline_svd_max_flops: int = INLINE_SVD_MAX_FLOPS):
+                 inline_svd_max_flops: int = ClusterConfig.svd_inline_max_flops):
         import threading
         torch.set_num_threads(1)  # inline SVDs of small layers: the actor reserves no CPU
         self.inline_svd_max_flops = int(inline_svd_max_flops)
@@ -60,11 +57,12 @@ class CoordinatorActor:
     def allocate_ranks(self, task_vectors: dict, params: dict) -> dict:
         results: dict = {}
         in_flight: list = []
-        small = {n: w for n, w in task_vectors.items()
-                 if _svd_flops(w[1]) <= self.inline_svd_max_flops}
-        for n, (w_ref, w_task) in small.items():
-            results[n] = allocate_layer(n, w_ref, w_task, params)[1]
-        task_vectors = {n: w for n, w in task_vectors.items() if n not in small}
+        large: dict = {}
+        for n, (w_ref, w_task) in task_vectors.items():
+            if _svd_flops(w_task) <= self.inline_svd_max_flops:  # cheaper here than a Ray task
+                results[n] = allocate_layer(n, w_ref, w_task, params)[1]
+            else:
+                large[n] = (w_ref, w_task)
 
         def collect(block: bool) -> None:
             nonlocal in_flight
@@ -77,7 +75,7 @@ class CoordinatorActor:
                 results[name] = decision
                 self.slots.release()
 
-        for n, (w_ref, w_task) in task_vectors.items():
+        for n, (w_ref, w_task) in large.items():
             # never block holding slots while our own results could free them (two requests
             # each holding a slot and waiting for another would deadlock)
             while not self.slots.acquire(blocking=False):
