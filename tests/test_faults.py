@@ -1,5 +1,6 @@
 """Fault injection: a stream survives (a) a killed training worker, (b) a killed evaluator
-actor, (c) a killed driver followed by `cldist resume`, (d) a node leaving a 2-node cluster.
+actor, (c) a killed driver followed by `cldist resume`, (d) a node leaving a 2-node cluster,
+(e) a driver killed while a packed Ray Train job runs, followed by `cldist resume`.
 
 Each run must end with every task committed exactly once and the same accuracy matrix as an
 uninterrupted run: bit-identical for (c) (inline runner, CPU), and within MATRIX_TOL
@@ -251,3 +252,50 @@ def test_d_lost_node_jobs_move_to_the_survivor(three_tasks, uninterrupted_long, 
     assert all(m["node_id"] != result["doomed"] for m in state["task_meta"].values()
                if m.get("job_attempts", 1) > 1)
     assert any(m.get("job_attempts", 1) > 1 for m in state["task_meta"].values())
+
+
+@pytest.mark.slow
+def test_e_killed_driver_keeps_the_tasks_its_packed_job_reported(
+        three_tasks, uninterrupted_long, tmp_path, ray_cluster, capsys):
+    """SIGKILL a Ray driver (and its embedded cluster) while one packed job learns tasks 1 and
+    2, once task 1 is committed: the job's rank 0 committed task 1 as soon as it was reported,
+    so `cldist resume` learns task 2 only and keeps task 1's files untouched."""
+    from cldist.cli import main
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster
+    env["OMP_NUM_THREADS"] = "1"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "cldist.cli", "run",
+         *tiny_overrides(three_tasks, run_dir, "runner=ray", "cluster.num_cpus=1",
+                         "trainer.tasks_per_job=2", *LEARN, *LONG_TASKS)],
+        cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    state_file = run_dir / "state.json"
+    deadline = time.monotonic() + 400
+    try:
+        while time.monotonic() < deadline and driver.poll() is None:
+            try:
+                if 1 in json.loads(state_file.read_text()).get("completed_tasks", []):
+                    break
+            except (OSError, ValueError):
+                pass  # not written yet
+            time.sleep(0.05)
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    state = json.loads(state_file.read_text())
+    assert state["completed_tasks"] == [0, 1], state["completed_tasks"]  # task 2 was learning
+    assert state["task_meta"]["1"]["job_group"] == [1, 2]
+    task1 = {p.name: p.read_bytes() for p in (run_dir / "tasks" / "001").iterdir()}
+
+    capsys.readouterr()
+    assert main(["resume", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert not re.search(r"^\[task 001 ", out, flags=re.M), out  # not learnt again
+    assert re.search(r"^\[task 002 ", out, flags=re.M), out
+    assert {p.name: p.read_bytes() for p in (run_dir / "tasks" / "001").iterdir()} == task1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    _check_complete(run_dir, metrics, uninterrupted_long, MATRIX_TOL)

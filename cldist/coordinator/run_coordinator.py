@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 from .ranks import allocate_rank
-from .store import RunState, commit_task
+from .store import RunState, commit_task, stage_copy, task_dir
 
 
 def allocate_layer(name: str, w_ref, w_task, params: dict) -> tuple[str, dict]:
@@ -46,6 +46,16 @@ class RunCoordinator:
         with self._lock:
             commit_task(self.run_dir, task_id, staging)
             self.state.record_task(task_id, meta)
+
+    def commit_copy(self, task_id: int, source: str, meta: dict) -> bool:
+        """Commit a copy of `source` (which stays as it is) unless the task is committed
+        already; True when this call committed it."""
+        with self._lock:
+            if task_dir(self.run_dir, task_id).exists():
+                return False
+            commit_task(self.run_dir, task_id, stage_copy(self.run_dir, task_id, source))
+            self.state.record_task(task_id, meta)
+            return True
 
     def set_rows(self, rows: list[list[float]]) -> None:
         with self._lock:

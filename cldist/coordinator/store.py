@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -59,6 +60,27 @@ def write_task_dir(staging: Path, tensors: dict[str, dict[str, torch.Tensor]], m
         raise StorageError(f"cannot write {target}: {reason}; free space on that file system "
                            f"and retry") from None
     fsync_dir(staging)
+
+
+def stage_copy(run_dir, task_id: int, source: str | Path) -> Path:
+    """Copy a finished task's files from `source` into a new `tasks/.staging-*` (fsynced).
+
+    For files that must stay where they are: a Ray Train checkpoint committed while its job
+    still runs is what a retry of that job resumes from.
+    """
+    staging = Path(run_dir) / "tasks" / f".staging-{task_id:03d}-{uuid.uuid4().hex[:8]}"
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(source, staging)
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StorageError(f"cannot copy task {task_id} from {source} to {staging}: "
+                           f"{e.strerror or e}; free space on that file system and retry") from None
+    fsync_dir(staging)
+    return staging
 
 
 def commit_task(run_dir, task_id: int, staging: str | Path) -> Path:

@@ -8,7 +8,8 @@ takes microseconds to milliseconds, far less than a Ray task's round trip. The S
 `cluster.svd_task_cpus` CPUs (default 0): the jobs asking for ranks hold their workers' CPUs
 while they wait, so on a cluster that concurrent jobs fill completely, SVD tasks that reserve
 a CPU would wait for those jobs forever. Give them 1 on clusters with CPU headroom.
-Finished tasks are committed through it, so `state.json` has exactly one writer.
+Finished tasks are committed through it, so `state.json` has exactly one writer: by the driver
+when a job ends, and by a packed job's rank 0 as soon as each task but its last is reported.
 
 Evaluators: each holds the frozen backbone once plus the adapters of the sub-networks it was
 given (PEARL: shard by sub-network) or a share of the test sets (single-model methods).
@@ -91,6 +92,13 @@ class CoordinatorActor:
 
     def commit(self, task_id: int, staging: str, meta: dict) -> None:
         self.inner.commit(task_id, staging, meta)
+
+    def commit_reported(self, task_id: int, checkpoint, meta: dict) -> bool:
+        """Commit a task a running job has reported (a `ray.train.Checkpoint`), as a copy:
+        the checkpoint stays for the job's own retries, and the driver's commit when the
+        job ends finds the task done."""
+        with checkpoint.as_directory() as source:
+            return self.inner.commit_copy(task_id, source, meta)
 
     # progress events from the jobs' rank-0 workers, drained and printed by the driver
     def post_event(self, event: dict) -> None:

@@ -5,8 +5,10 @@ A job is one `TorchTrainer` with `trainer.num_workers` workers that learns one t
 10-20 s, over many short tasks of a long stream). Every worker runs
 `cldist.train.task.train_task` on its share of the task's shards with a DeepSpeed engine per
 training phase; rank 0 asks the coordinator actor for rank decisions (broadcast to the other
-ranks) and reports each task's files as a checkpoint, which the driver commits through the
-coordinator once the job ends.
+ranks) and reports each task's files as a checkpoint. The driver commits them through the
+coordinator once the job ends; in a packed job, rank 0 has each task but the last committed
+(as a copy) as soon as Ray Train has registered its report, so a driver that dies mid-job
+loses only the task in progress.
 
 Scheduling: tasks whose dependencies are done start at once, up to as many concurrent jobs as
 the cluster has room for (`trainer.max_concurrent_tasks`, default: cluster CPUs divided by the
@@ -21,6 +23,7 @@ which job was retried. Evaluator actors restart themselves (`max_restarts`).
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import threading
 import uuid
@@ -40,13 +43,15 @@ from .actors import CoordinatorActor, CoordinatorProxy, EvaluatorActor
 from .cluster import connect
 from .train_job import run_train_job
 
+logger = logging.getLogger(__name__)
+
 
 def task_worker(config: dict) -> None:
     """Ray Train worker function: learn a group of independent tasks, one after the other.
 
     After each task every rank reports (a barrier in Train V2), rank 0 attaches the task's
     files as a checkpoint, and the workers wait until the controller has registered the
-    report before the next task. When Ray Train restarts the worker group after a failure
+    report before the next task; rank 0 then has the coordinator commit that task. When Ray Train restarts the worker group after a failure
     (`FailureConfig`), `get_checkpoint()` is the last task reported before it, so the retry
     carries on with the next task of the group instead of starting the group again.
     """
@@ -106,10 +111,12 @@ def task_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging)
                              if rank == 0 else None)
         if job is not jobs[-1]:
-            _wait_until_report_registered()
+            reported = _wait_until_report_registered()
+            if rank == 0:
+                _commit_reported(coordinator, job.task_id, reported)
 
 
-def _wait_until_report_registered() -> None:
+def _wait_until_report_registered() -> list:
     """Block until the Train controller has registered this worker's latest report.
 
     A report sits in the worker's queue until the controller polls it (every couple of
@@ -118,8 +125,25 @@ def _wait_until_report_registered() -> None:
     packed job makes "reported" mean "kept". The last task of a job needs no wait: the job
     only ends once the controller has collected every report.
     """
-    ray.train.get_all_reported_checkpoints(
+    return ray.train.get_all_reported_checkpoints(
         consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def _commit_reported(coordinator, task_id: int, reported: list) -> None:
+    """Have the coordinator commit `task_id` now, from its registered checkpoint, instead of
+    when the packed job ends: a driver killed meanwhile (the job dies with it) then loses
+    only the task in progress, and `cldist resume` keeps the others. Best effort: the driver
+    commits every task of the job when it ends, whatever happened here."""
+    for entry in reversed(reported):
+        if int(entry.metrics.get("task_id", -1)) != task_id:
+            continue
+        try:
+            ray.get(coordinator.commit_reported.remote(
+                task_id, entry.checkpoint, json.loads(entry.metrics["meta_json"])))
+        except Exception as e:  # noqa: BLE001 - the job-end commit still follows
+            logger.warning("task %d: early commit failed (%s: %s); it is committed when its "
+                           "job ends", task_id, type(e).__name__, e)
+        return
 
 
 class FailureReporter(ray.train.UserCallback):
