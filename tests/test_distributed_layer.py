@@ -170,9 +170,11 @@ def _zero2_worker(config):
 
 
 def _small_worker(config):
-    from cldist.distributed.train_job import report
+    from cldist.distributed.train_job import POLL_INTERVAL_ENV, report
 
-    report({"job": config["job"]}, tensors={"head": {"w": torch.full((2,), config["job"])}})
+    # Ray Train passes the poll interval from the driver to the controller and the workers
+    report({"job": config["job"], "poll_interval": os.environ.get(POLL_INTERVAL_ENV)},
+           tensors={"head": {"w": torch.full((2,), config["job"])}})
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +215,7 @@ def test_two_jobs_from_two_threads_both_complete(ray_cluster, ship_this_module, 
         try:
             results[job] = run_train_job(_small_worker, {"job": job}, num_workers=1,
                                          use_gpu=False, storage_path=str(tmp_path),
-                                         name=f"task-{job}")
+                                         name=f"task-{job}", poll_interval_s=0.25)
         except Exception as e:  # surfaced by the assertion below
             errors.append(e)
 
@@ -225,7 +227,7 @@ def test_two_jobs_from_two_threads_both_complete(ray_cluster, ship_this_module, 
     assert not errors, errors
     assert sorted(results) == [1, 2]
     for job, result in results.items():
-        assert result.metrics == {"job": job}
+        assert result.metrics == {"job": job, "poll_interval": "0.25"}
         assert os.path.isfile(os.path.join(result.checkpoint_dir, "head.safetensors"))
     assert results[1].checkpoint_dir != results[2].checkpoint_dir
 

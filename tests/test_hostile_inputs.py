@@ -514,6 +514,8 @@ CASES = [
     Case("batch-size-not-a-number", _overrides("trainer.batch_size=lots"),
          ("trainer.batch_size",)),
     Case("workers-zero", _overrides("trainer.num_workers=0"), ("trainer.num_workers=0",)),
+    Case("poll-interval-zero", _overrides("trainer.poll_interval_s=0"),
+         ("trainer.poll_interval_s=0", "> 0")),
     Case("lr-zero", _overrides("method.lr=0"), ("method.lr=0", "> 0")),
     Case("lr-infinite", _overrides("method.lr=inf"), ("method.lr=inf", "finite")),
     Case("seed-negative", _overrides("seed=-1"), ("seed=-1",)),

@@ -108,6 +108,10 @@ class TrainerConfig:
     # independent tasks one Ray Train job learns back to back (ray runner): packing amortises
     # the job's start-up (placement group, worker processes, process group) over several tasks
     tasks_per_job: int = 1
+    # how often each job's Ray Train controller polls its workers (Ray's
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s): a report counts, a job ends and a dead
+    # worker is noticed only at a poll, and packed jobs wait for it after every task
+    poll_interval_s: float = 0.5
 
 
 @dataclass
@@ -242,6 +246,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                      f"module-name pattern")
     if cfg.trainer.tasks_per_job < 1:
         p.append(f"trainer.tasks_per_job={cfg.trainer.tasks_per_job}: must be >= 1")
+    if not cfg.trainer.poll_interval_s > 0:
+        p.append(f"trainer.poll_interval_s={cfg.trainer.poll_interval_s}: must be > 0 (seconds)")
     if cfg.trainer.max_concurrent_tasks is not None and cfg.trainer.max_concurrent_tasks < 1:
         p.append(f"trainer.max_concurrent_tasks={cfg.trainer.max_concurrent_tasks}: must be >= 1")
     if not has_pretrained_weights(cfg) and cfg.method.reference == "pretrained":

@@ -239,7 +239,8 @@ class RayRunner:
                                cpus_per_worker=self.cfg.trainer.cpus_per_worker,
                                max_failures=self.cfg.trainer.max_failures,
                                callbacks=(FailureReporter(self.coordinator_name, self.namespace,
-                                                          name),))
+                                                          name),),
+                               poll_interval_s=self.cfg.trainer.poll_interval_s)
         metas: dict[int, dict] = {}
         for metrics, checkpoint_dir in result.reports:
             meta = json.loads(metrics["meta_json"])

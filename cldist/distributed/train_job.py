@@ -31,6 +31,8 @@ import torch
 
 from cldist.errors import UserError
 
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
 
 @dataclass(frozen=True)
 class JobResult:
@@ -48,12 +50,16 @@ class TrainJobError(RuntimeError):
 
 def run_train_job(train_fn: Callable[[dict], Any], config: dict, num_workers: int,
                   use_gpu: bool, storage_path: str, name: str, cpus_per_worker: float = 1,
-                  max_failures: int = 0, callbacks: tuple = ()) -> JobResult:
+                  max_failures: int = 0, callbacks: tuple = (),
+                  poll_interval_s: float | None = None) -> JobResult:
     """Run `train_fn(config)` on `num_workers` Ray Train workers and wait for it.
 
     `train_fn` must be importable or picklable (a module-level function) and end with
     `report(...)` on every worker. Starts the embedded Ray cluster when Ray is not connected.
     `callbacks` are `ray.train.UserCallback`s; they run in the job's controller actor.
+    `poll_interval_s` sets how often the controller polls the workers (None: Ray's default or
+    the RAY_TRAIN_HEALTH_CHECK_INTERVAL_S already set); a report is registered, and the job
+    seen to end, only at a poll.
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -67,6 +73,9 @@ def run_train_job(train_fn: Callable[[dict], Any], config: dict, num_workers: in
         connect()
     _check_fits(name, num_workers, cpus_per_worker, use_gpu)
     storage = storage_path if "://" in storage_path else os.path.abspath(storage_path)
+    if poll_interval_s is not None:
+        # Ray Train hands this variable from the driver to the controller it starts in fit()
+        os.environ[POLL_INTERVAL_ENV] = str(float(poll_interval_s))
 
     trainer = TorchTrainer(
         train_fn,
