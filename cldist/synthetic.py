@@ -6,8 +6,10 @@ classes needs 200. `write_synthetic_tree` writes an ImageFolder tree
 
     x = clip(template_c + noise, 0, 255),   template_c ~ a smooth seeded random image per class
 
-Classes are separable but not trivially (the noise is as strong as the template's contrast),
-so accuracy, forgetting and rank allocation behave like on real data, at the cost of seconds.
+Classes are separable but not trivially (the noise is as strong as the template's contrast).
+They are for timing and scaling (docs/BENCHMARKS.md): at the benchmarks' budgets - a random
+`test_vit`, a few optimiser steps per task - a continual learner stays near chance on them;
+joint training on all classes, with more steps, does learn them.
 
     python -m cldist.synthetic /tmp/synth200 --classes 200     # then:
     cldist data build --source folder --root /tmp/synth200 --out /tmp/s100 --tasks 100
