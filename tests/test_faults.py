@@ -134,23 +134,21 @@ def test_b_killed_evaluator_actor_is_restarted(three_tasks, uninterrupted, tmp_p
     _check_complete(run_dir, metrics, uninterrupted, MATRIX_TOL)
 
 
-def test_c_killed_driver_then_resume(three_tasks, uninterrupted, tmp_path):
-    """SIGKILL the driver process once a task is committed; `cldist resume` finishes the run
-    bit-identically to the uninterrupted run (inline runner, CPU)."""
-    from cldist.cli import main
-    run_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "cldist.cli", "run",
-         *tiny_overrides(three_tasks, run_dir, "runner=inline", *LEARN)],
-        cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+def _kill_driver_once(run_dir: Path, overrides: list[str], committed, timeout: float) -> dict:
+    """Start `cldist run OVERRIDES` in its own process group (with an embedded Ray cluster of
+    its own where it uses Ray), SIGKILL the group once `committed(completed_tasks)` holds for
+    state.json, and return state.json as the kill left it."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["OMP_NUM_THREADS"] = "1"
+    driver = subprocess.Popen([sys.executable, "-m", "cldist.cli", "run", *overrides],
+                              cwd=str(REPO), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
     state_file = run_dir / "state.json"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and driver.poll() is None:
             try:
-                if json.loads(state_file.read_text()).get("completed_tasks"):
+                if committed(json.loads(state_file.read_text()).get("completed_tasks", [])):
                     break
             except (OSError, ValueError):
                 pass  # not written yet
@@ -161,7 +159,17 @@ def test_c_killed_driver_then_resume(three_tasks, uninterrupted, tmp_path):
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    killed_at = json.loads(state_file.read_text())["completed_tasks"]
+    return json.loads(state_file.read_text())
+
+
+def test_c_killed_driver_then_resume(three_tasks, uninterrupted, tmp_path):
+    """SIGKILL the driver process once a task is committed; `cldist resume` finishes the run
+    bit-identically to the uninterrupted run (inline runner, CPU)."""
+    from cldist.cli import main
+    run_dir = tmp_path / "run"
+    state = _kill_driver_once(run_dir, tiny_overrides(three_tasks, run_dir, "runner=inline", *LEARN),
+                              lambda done: bool(done), timeout=300)
+    killed_at = state["completed_tasks"]
     assert 1 <= len(killed_at) < N_TASKS, killed_at
 
     assert main(["resume", str(run_dir)]) == 0
@@ -262,31 +270,10 @@ def test_e_killed_driver_keeps_the_tasks_its_packed_job_reported(
     so `cldist resume` learns task 2 only and keeps task 1's files untouched."""
     from cldist.cli import main
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own cluster
-    env["OMP_NUM_THREADS"] = "1"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "cldist.cli", "run",
-         *tiny_overrides(three_tasks, run_dir, "runner=ray", "cluster.num_cpus=1",
-                         "trainer.tasks_per_job=2", *LEARN, *LONG_TASKS)],
-        cwd=str(REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    state_file = run_dir / "state.json"
-    deadline = time.monotonic() + 400
-    try:
-        while time.monotonic() < deadline and driver.poll() is None:
-            try:
-                if 1 in json.loads(state_file.read_text()).get("completed_tasks", []):
-                    break
-            except (OSError, ValueError):
-                pass  # not written yet
-            time.sleep(0.05)
-        assert driver.poll() is None, "the driver ended before it could be killed"
-        os.killpg(driver.pid, signal.SIGKILL)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    state = json.loads(state_file.read_text())
+    state = _kill_driver_once(
+        run_dir, tiny_overrides(three_tasks, run_dir, "runner=ray", "cluster.num_cpus=1",
+                                "trainer.tasks_per_job=2", *LEARN, *LONG_TASKS),
+        lambda done: 1 in done, timeout=400)
     assert state["completed_tasks"] == [0, 1], state["completed_tasks"]  # task 2 was learning
     assert state["task_meta"]["1"]["job_group"] == [1, 2]
     task1 = {p.name: p.read_bytes() for p in (run_dir / "tasks" / "001").iterdir()}
