@@ -51,9 +51,10 @@ def task_worker(config: dict) -> None:
 
     After each task every rank reports (a barrier in Train V2), rank 0 attaches the task's
     files as a checkpoint, and the workers wait until the controller has registered the
-    report before the next task; rank 0 then has the coordinator commit that task. When Ray Train restarts the worker group after a failure
-    (`FailureConfig`), `get_checkpoint()` is the last task reported before it, so the retry
-    carries on with the next task of the group instead of starting the group again.
+    report before the next task; rank 0 then has the coordinator commit that task. When Ray
+    Train restarts the worker group after a failure (`FailureConfig`), `get_checkpoint()` is
+    the last task reported before it, so the retry carries on with the next task of the group
+    instead of starting the group again.
     """
     import torch
 
