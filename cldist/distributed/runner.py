@@ -135,16 +135,15 @@ def _commit_reported(coordinator, task_id: int, reported: list) -> None:
     when the packed job ends: a driver killed meanwhile (the job dies with it) then loses
     only the task in progress, and `cldist resume` keeps the others. Best effort: the driver
     commits every task of the job when it ends, whatever happened here."""
-    for entry in reversed(reported):
-        if int(entry.metrics.get("task_id", -1)) != task_id:
-            continue
-        try:
-            ray.get(coordinator.commit_reported.remote(
-                task_id, entry.checkpoint, json.loads(entry.metrics["meta_json"])))
-        except Exception as e:  # noqa: BLE001 - the job-end commit still follows
-            logger.warning("task %d: early commit failed (%s: %s); it is committed when its "
-                           "job ends", task_id, type(e).__name__, e)
+    entry = next((e for e in reversed(reported) if e.metrics.get("task_id") == task_id), None)
+    if entry is None:
         return
+    try:
+        ray.get(coordinator.commit_reported.remote(
+            task_id, entry.checkpoint, json.loads(entry.metrics["meta_json"])))
+    except Exception as e:  # noqa: BLE001 - the job-end commit still follows
+        logger.warning("task %d: early commit failed (%s: %s); it is committed when its job "
+                       "ends", task_id, type(e).__name__, e)
 
 
 class FailureReporter(ray.train.UserCallback):
