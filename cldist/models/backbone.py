@@ -100,14 +100,28 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
         kwargs["patch_size"] = spec.patch_size
     if spec.drop_path_rate:
         kwargs["drop_path_rate"] = spec.drop_path_rate
-    if spec.name not in timm.list_models():
-        close = timm.list_models(f"*{spec.name.split('_')[0]}*")[:8]
+    # a name may carry timm's weights tag (`vit_base_patch16_224.augreg_in21k`): the papers'
+    # backbones are told apart only by it
+    arch, _, tag = spec.name.partition(".")
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
         raise UserError(f"unknown timm backbone {spec.name!r}; similar names: {close}")
+    if tag and spec.name not in timm.list_pretrained(f"{arch}.*"):
+        raise UserError(f"backbone {arch!r} has no weights tagged {tag!r}; tagged names: "
+                        f"{timm.list_pretrained(f'{arch}.*')}")
+    download = spec.pretrained and not spec.checkpoint
     try:
-        model = timm.create_model(spec.name, pretrained=spec.pretrained and not spec.checkpoint,
-                                  **kwargs)
+        model = timm.create_model(spec.name, pretrained=download, **kwargs)
     except TypeError as e:
         raise UserError(f"backbone {spec.name!r} does not accept {sorted(kwargs)}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the hub download: network, cache and auth alike
+        if not download:
+            raise
+        reason = (str(e).splitlines() or [""])[0]
+        raise UserError(f"backbone {spec.name!r}: its pre-trained weights could not be fetched "
+                        f"from timm's hub ({type(e).__name__}: {reason}); without internet, "
+                        f"copy the weights here as safetensors and give backbone.checkpoint=PATH"
+                        ) from e
     if spec.checkpoint:
         if spec.checkpoint in PACKAGE_WEIGHTS and PACKAGE_WEIGHTS[spec.checkpoint] != spec.name:
             raise UserError(f"backbone.checkpoint={spec.checkpoint} holds weights for "
