@@ -23,7 +23,7 @@ from .errors import UserError
 
 # Where and how the rest of a run executes may change on resume; what it computes may not.
 RESUME_OVERRIDABLE = ("cluster.", "trainer.max_concurrent_tasks", "trainer.max_failures",
-                      "trainer.poll_interval_s", "runner", "report")
+                      "trainer.poll_interval_s", "trainer.gpus_per_worker", "runner", "report")
 # ...and, with --allow-lr-change, the learning rates: lowering one is the fix a NaN loss asks
 # for, and restarting a long stream for it would throw away every finished task. It changes
 # what the run computes, hence the explicit flag; the new value is written into the run's

@@ -22,9 +22,10 @@ def digits_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """The embedded local Ray cluster, started once for the whole test session."""
+    """The embedded local Ray cluster, started once for the whole test session. It declares
+    one logical GPU so that GPU shares can be reserved; nothing here runs CUDA."""
     from cldist.distributed.cluster import connect, shutdown
-    info = connect(num_cpus=2)
+    info = connect(num_cpus=2, num_gpus=1)
     yield info
     shutdown()
 

@@ -37,6 +37,20 @@ def test_bad_override(tmp_path, digits_dir, capsys, override, expected):
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("extra, shares", [
+    ((), (0.0, 0.0)),  # CPU run: evaluators on the CPU
+    (("trainer.use_gpu=true",), (0.9, 0.05)),  # two evaluators beside a worker on one GPU
+    (("trainer.use_gpu=true", "cluster.eval_actors=4"), (0.8, 0.05)),
+    (("trainer.use_gpu=true", "cluster.eval_gpus=0"), (1.0, 0.0)),
+    (("cluster.eval_gpus=0.25",), (0.0, 0.25)),  # CPU training, GPU scoring
+])
+def test_gpu_shares(tmp_path, digits_dir, extra, shares):
+    """Long-lived evaluators and a training worker must fit on one GPU together."""
+    from cldist.config.compose import compose
+    from cldist.config.schema import gpu_shares
+    assert gpu_shares(compose(tiny_overrides(digits_dir, tmp_path, *extra))) == shares
+
+
 def test_every_problem_reported_at_once(tmp_path, digits_dir, capsys):
     code, err = _run(["run", *tiny_overrides(digits_dir, tmp_path / "r"), "trainer.batch_size=0",
                       "method.epochs=0", "method.lr=-1"], capsys)

@@ -77,9 +77,28 @@ def test_single_model_method_scores_task_il(tmp_path, digits_dir):
 
 @pytest.mark.slow
 def test_pearl_ray_matches_inline(tmp_path, digits_dir, ray_cluster):
+    """...with the evaluators reserving a share of the cluster's (logical) GPU, as on GPU runs:
+    they are scheduled beside the jobs and, with no CUDA device, score on the CPU."""
+    import time
+
+    import ray
+
+    from cldist.config.schema import RunConfig
+    from cldist.distributed.runner import RayRunner
     inline, _ = _two_task(tmp_path, digits_dir, "inline", "a")
-    ray_metrics, run_dir = _two_task(tmp_path, digits_dir, "ray", "b")
+    ray_metrics, run_dir = _two_task(tmp_path, digits_dir, "ray", "b", "cluster.eval_gpus=0.05")
     _check_run(ray_metrics, run_dir, 2)
+    # the run's evaluators, again: each holds 0.05 of the GPU while it lives
+    runner = RayRunner(RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())),
+                       run_dir)
+    try:
+        assert len(runner.score_blocks([(0, 0), (1, 1)])) == 2
+        deadline = time.monotonic() + 30
+        while ray.available_resources().get("GPU", 0) > 0.95 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ray.available_resources().get("GPU", 0) == pytest.approx(0.9)
+    finally:
+        runner.close()
     # one worker, fp32, the same AdamW update and data order: the same model up to float noise
     for row_a, row_b in zip(inline["accuracy_matrix"], ray_metrics["accuracy_matrix"]):
         assert row_b == pytest.approx(row_a, abs=2.0)

@@ -112,6 +112,9 @@ class TrainerConfig:
     # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s): a report counts, a job ends and a dead
     # worker is noticed only at a poll, and packed jobs wait for it after every task
     poll_interval_s: float = 0.5
+    # GPU share each training worker reserves when use_gpu (null: what the evaluators leave of
+    # one GPU, see gpu_shares)
+    gpus_per_worker: Optional[float] = None
 
 
 @dataclass
@@ -120,6 +123,9 @@ class ClusterConfig:
     num_cpus: Optional[int] = None  # embedded cluster size (default: all cores)
     num_gpus: Optional[int] = None
     eval_actors: int = 2
+    # GPU share each evaluator actor reserves; > 0 scores on that GPU (null: 0.05 when
+    # trainer.use_gpu, else 0 - evaluators on CPU)
+    eval_gpus: Optional[float] = None
     svd_task_cpus: float = 0.0  # CPUs each per-layer SVD task reserves (see distributed/actors.py)
     # a layer whose task vector (m x n) has m * n * min(m, n) at or below this is decomposed in
     # the coordinator instead of a Ray task (default: up to 256 x 256); 0 fans every layer out
@@ -248,6 +254,20 @@ def validate(cfg: RunConfig) -> RunConfig:
         p.append(f"trainer.tasks_per_job={cfg.trainer.tasks_per_job}: must be >= 1")
     if not cfg.trainer.poll_interval_s > 0:
         p.append(f"trainer.poll_interval_s={cfg.trainer.poll_interval_s}: must be > 0 (seconds)")
+    if cfg.cluster.eval_gpus is not None and not 0 <= cfg.cluster.eval_gpus < 1:
+        p.append(f"cluster.eval_gpus={cfg.cluster.eval_gpus}: must be in [0, 1) (a share of one "
+                 f"GPU per evaluator; 0 scores on CPU)")
+    elif cfg.trainer.gpus_per_worker is not None and not 0.5 < cfg.trainer.gpus_per_worker <= 1:
+        p.append(f"trainer.gpus_per_worker={cfg.trainer.gpus_per_worker}: must be in (0.5, 1] "
+                 f"(a worker owns its GPU: two ranks on one GPU break NCCL)")
+    elif cfg.trainer.use_gpu and cfg.cluster.eval_actors >= 1:
+        per_worker, eval_gpus = gpu_shares(cfg)
+        if per_worker <= 0.5 or per_worker + cfg.cluster.eval_actors * eval_gpus > 1 + 1e-9:
+            p.append(f"trainer.gpus_per_worker={per_worker} + cluster.eval_actors="
+                     f"{cfg.cluster.eval_actors} x cluster.eval_gpus={eval_gpus} exceeds one "
+                     f"GPU: on a one-GPU machine the evaluators would hold the GPU that every "
+                     f"later task job waits for; lower one of them (cluster.eval_gpus=0 scores "
+                     f"on CPU)")
     if cfg.trainer.max_concurrent_tasks is not None and cfg.trainer.max_concurrent_tasks < 1:
         p.append(f"trainer.max_concurrent_tasks={cfg.trainer.max_concurrent_tasks}: must be >= 1")
     if not has_pretrained_weights(cfg) and cfg.method.reference == "pretrained":
@@ -256,6 +276,28 @@ def validate(cfg: RunConfig) -> RunConfig:
     if p:
         raise ConfigError(p)
     return cfg
+
+
+# GPU share of one evaluator on GPU runs: a ViT-B sub-network scores in a few hundred MB, and
+# two of them beside a 0.9 training worker leave every GPU of a node usable for training
+EVAL_GPU_SHARE = 0.05
+
+
+def gpu_shares(cfg: RunConfig) -> tuple[float, float]:
+    """(GPUs per training worker, GPUs per evaluator actor) with the nulls resolved.
+
+    Evaluators live for the whole run, so on a one-GPU machine they must fit beside a training
+    worker on that GPU or every later task job waits for them forever: by default a worker
+    takes what `cluster.eval_actors` evaluators of `EVAL_GPU_SHARE` leave of one GPU.
+    """
+    eval_gpus = cfg.cluster.eval_gpus
+    if eval_gpus is None:
+        eval_gpus = EVAL_GPU_SHARE if cfg.trainer.use_gpu else 0.0
+    per_worker = cfg.trainer.gpus_per_worker
+    if per_worker is None:
+        per_worker = round(1.0 - cfg.cluster.eval_actors * eval_gpus, 6) if cfg.trainer.use_gpu \
+            else 0.0
+    return float(per_worker), float(eval_gpus)
 
 
 def has_pretrained_weights(cfg: RunConfig) -> bool:

@@ -144,15 +144,22 @@ class CoordinatorProxy:
 
 
 # evaluators run beside training: they take no CPU reservation (scoring is short and
-# must not wait for a training job to free a core) and limit themselves to one thread
+# must not wait for a training job to free a core) and limit themselves to one thread; on GPU
+# runs they reserve a share of a GPU (`cluster.eval_gpus`) and score there
 @ray.remote(num_cpus=0, max_restarts=2, max_task_retries=2)
 class EvaluatorActor:
-    def __init__(self, config: dict, run_dir: str, threads: int = 1):
+    def __init__(self, config: dict, run_dir: str, threads: int = 1, on_gpu: bool = False):
         from ..config.schema import RunConfig
         from ..eval.scoring import Scorer
         torch.set_num_threads(threads)
         self.cfg, self.run_dir = RunConfig.from_dict(config), run_dir
-        self.scorer = Scorer(self.cfg, run_dir)
+        # Ray shows the actor only the GPU it reserved; a cluster that declares GPUs torch
+        # cannot use (a logical GPU, a broken driver) still scores, on the CPU
+        device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+        if on_gpu and device == "cpu":
+            print("[cldist] evaluator: reserved a GPU share but torch sees no CUDA device; "
+                  "scoring on the CPU", flush=True)
+        self.scorer = Scorer(self.cfg, run_dir, device=device)
 
     def score_blocks(self, pairs: Sequence[tuple[int, int]]):
         return self.scorer.score_blocks(pairs)

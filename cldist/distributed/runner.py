@@ -35,7 +35,7 @@ import ray
 import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..config.schema import RunConfig
+from ..config.schema import RunConfig, gpu_shares
 from ..eval.scoring import Block, SingleScores
 from ..runners import OnTaskDone, ready_order
 from ..train.task import TaskJob
@@ -240,7 +240,8 @@ class RayRunner:
                                max_failures=self.cfg.trainer.max_failures,
                                callbacks=(FailureReporter(self.coordinator_name, self.namespace,
                                                           name),),
-                               poll_interval_s=self.cfg.trainer.poll_interval_s)
+                               poll_interval_s=self.cfg.trainer.poll_interval_s,
+                               gpus_per_worker=gpu_shares(self.cfg)[0])
         metas: dict[int, dict] = {}
         for metrics, checkpoint_dir in result.reports:
             meta = json.loads(metrics["meta_json"])
@@ -319,7 +320,9 @@ class RayRunner:
         return self._evaluators
 
     def _new_evaluator(self):
-        return EvaluatorActor.remote(self.cfg.to_dict(), str(self.run_dir))
+        eval_gpus = gpu_shares(self.cfg)[1]
+        return EvaluatorActor.options(num_gpus=eval_gpus).remote(
+            self.cfg.to_dict(), str(self.run_dir), on_gpu=eval_gpus > 0)
 
     def _on_evaluators(self, calls: dict[int, tuple[str, tuple]]) -> dict[int, object]:
         """Run `calls` ({actor index: (method, args)}) and wait for all of them.

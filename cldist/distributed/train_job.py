@@ -51,7 +51,8 @@ class TrainJobError(RuntimeError):
 def run_train_job(train_fn: Callable[[dict], Any], config: dict, num_workers: int,
                   use_gpu: bool, storage_path: str, name: str, cpus_per_worker: float = 1,
                   max_failures: int = 0, callbacks: tuple = (),
-                  poll_interval_s: float | None = None) -> JobResult:
+                  poll_interval_s: float | None = None,
+                  gpus_per_worker: float = 1.0) -> JobResult:
     """Run `train_fn(config)` on `num_workers` Ray Train workers and wait for it.
 
     `train_fn` must be importable or picklable (a module-level function) and end with
@@ -59,7 +60,8 @@ def run_train_job(train_fn: Callable[[dict], Any], config: dict, num_workers: in
     `callbacks` are `ray.train.UserCallback`s; they run in the job's controller actor.
     `poll_interval_s` sets how often the controller polls the workers (None: Ray's default or
     the RAY_TRAIN_HEALTH_CHECK_INTERVAL_S already set); a report is registered, and the job
-    seen to end, only at a poll.
+    seen to end, only at a poll. With `use_gpu`, each worker reserves `gpus_per_worker` of one
+    GPU (below 1 leaves room for evaluator actors on the same GPU).
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -81,7 +83,9 @@ def run_train_job(train_fn: Callable[[dict], Any], config: dict, num_workers: in
         train_fn,
         train_loop_config=dict(config),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus_per_worker,
+                                                           **({"GPU": gpus_per_worker}
+                                                              if use_gpu else {})}),
         run_config=RunConfig(storage_path=storage, name=name,
                              failure_config=FailureConfig(max_failures=max_failures),
                              callbacks=list(callbacks)),

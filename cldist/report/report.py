@@ -59,6 +59,7 @@ EVERY_LAYER = "every layer"
 # in every other key are seeds of one configuration. A prefix covers its whole sub-tree.
 NOT_CONFIGURATION = ("seed", "run_dir", "report", "runner", "cluster",
                      "trainer.max_concurrent_tasks", "trainer.max_failures", "trainer.poll_interval_s",
+                     "trainer.gpus_per_worker",
                      "scenario.data_dir", "scenario.root")
 # Keys shown to tell apart configurations of the same method, at most this many per label.
 MAX_LABEL_KEYS = 3
