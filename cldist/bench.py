@@ -13,6 +13,9 @@ they need no download and take minutes on a 2-core machine:
   the sharded evaluator (Ray actors, sub-networks sharded, test sets batched per sub-network).
 - `svd`: one ViT-B-sized layer (768 x 768) - dense SVD (baseline) vs randomised SVD vs QR of
   rank-16 LoRA factors with an r x r SVD.
+- `loader`: one task of photo-sized JPEGs through the papers' training transform
+  (RandomResizedCrop(224) + flip): decoded in the training process (baseline) vs by
+  `trainer.loader_workers` DataLoader processes.
 - `stream100`: a 100-task stream through the Ray runner with packed jobs: wall time with Ray
   Train's default 2 s worker poll (baseline) vs cldist's 0.5 s (`trainer.poll_interval_s`),
   and per-task time along the stream (flat or not).
@@ -157,6 +160,64 @@ def bench_svd(work: Path) -> dict:
             {"method": "QR of rank-16 factors + 16x16 SVD", "ms": round(1e3 * qr, 3),
              "speedup": round(base / qr, 1)}]
     return {"layer": "768 x 768 (ViT-B attention projection), float64, 1 thread", "rows": rows}
+
+
+@register
+def bench_loader(work: Path) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    from .data.build import build_dataset
+    from .data.loader import TaskStream, make_transform, task_batches
+    data = work / "photos"
+    if not (data / "manifest.json").exists():
+        # 2 classes x 192 JPEGs of 400 x 300 px (ImageNet-R's images are of this order), stored
+        # as their own bytes, as the photo sources are
+        rng = np.random.default_rng(0)
+        for c in range(2):
+            for split, count in (("train", 192), ("test", 8)):
+                folder = work / "tree" / split / f"c{c}"
+                folder.mkdir(parents=True, exist_ok=True)
+                base = rng.uniform(0, 255, (3, 4, 3)).astype(np.uint8)
+                for i in range(count):
+                    image = Image.fromarray(base).resize((400, 300), Image.BICUBIC)
+                    noisy = np.asarray(image, np.float32) + rng.normal(0, 20, (300, 400, 3))
+                    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
+                        folder / f"{i:03d}.jpg", quality=90)
+        build_dataset("folder", data, root=work / "tree", n_tasks=1, seed=0,
+                      image_size="original")
+    from .data.manifest import Manifest
+    manifest = Manifest.load(data)
+    transform = make_transform(224, 3, train=True, augment=True, crop="random_resized")
+    n_images = manifest.tasks[0].n_train
+
+    def in_process():
+        return sum(len(y) for _, y in task_batches(manifest, 0, "train", 32, transform,
+                                                   shuffle=True))
+
+    def with_workers(n):
+        loader = torch.utils.data.DataLoader(
+            TaskStream(manifest, 0, "train", transform, shuffle=True), batch_size=32,
+            num_workers=n)
+        return lambda: sum(len(y) for _, y in loader)
+
+    def images_per_s(fn, repeat=3):
+        assert fn() == n_images  # warm-up: page cache, checksum cache, worker start-up code
+        start = time.perf_counter()
+        for _ in range(repeat):
+            assert fn() == n_images
+        return repeat * n_images / (time.perf_counter() - start)
+
+    torch.set_num_threads(1)
+    base = images_per_s(in_process)
+    rows = [{"variant": "in the training process (baseline)", "images_per_s": round(base, 1),
+             "speedup": 1.0}]
+    for n in (1, 2):
+        rate = images_per_s(with_workers(n))
+        rows.append({"variant": f"trainer.loader_workers={n}", "images_per_s": round(rate, 1),
+                     "speedup": round(rate / base, 2)})
+    return {"task": f"{n_images} JPEGs of 400 x 300 px -> RandomResizedCrop(224) + flip, "
+                    f"batches of 32, no model step", "rows": rows}
 
 
 @register

@@ -75,6 +75,15 @@ def test_single_model_method_scores_task_il(tmp_path, digits_dir):
     assert metrics["task_il_accuracy_matrix"][0] == metrics["accuracy_matrix"][0]
 
 
+def test_loader_workers_decode_ahead(tmp_path, digits_dir):
+    """`trainer.loader_workers`: DataLoader processes feed the training steps (each a slice of
+    the rank's seeded stream); the stream completes with every task learnt and scored."""
+    metrics, run_dir = _two_task(tmp_path, digits_dir, "inline", "loader", "method=seq_lora",
+                                 "trainer.loader_workers=2")
+    _check_run(metrics, run_dir, 2)
+    assert metrics["accuracy_matrix"][0][0] > 50  # 2 classes: it learnt task 0
+
+
 @pytest.mark.slow
 def test_pearl_ray_matches_inline(tmp_path, digits_dir, ray_cluster):
     """...with the evaluators reserving a share of the cluster's (logical) GPU, as on GPU runs:

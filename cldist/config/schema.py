@@ -108,6 +108,9 @@ class TrainerConfig:
     # independent tasks one Ray Train job learns back to back (ray runner): packing amortises
     # the job's start-up (placement group, worker processes, process group) over several tasks
     tasks_per_job: int = 1
+    # DataLoader processes that decode and augment a worker's training images ahead of its
+    # steps; 0 decodes in the training process (a GPU worker waits on JPEG decoding)
+    loader_workers: int = 0
     # how often each job's Ray Train controller polls its workers (Ray's
     # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, default 2 s): a report counts, a job ends and a dead
     # worker is noticed only at a poll, and packed jobs wait for it after every task
@@ -179,6 +182,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                             ("trainer.num_workers", cfg.trainer.num_workers, 1),
                             ("trainer.batch_size", cfg.trainer.batch_size, 1),
                             ("trainer.eval_batch_size", cfg.trainer.eval_batch_size, 1),
+                            ("trainer.loader_workers", cfg.trainer.loader_workers, 0),
                             ("scenario.n_tasks", cfg.scenario.n_tasks, 1),
                             ("scenario.image_size", cfg.scenario.image_size, 8),
                             ("cluster.eval_actors", cfg.cluster.eval_actors, 1),

@@ -24,7 +24,7 @@ import torch
 from ..config.schema import RunConfig, method_options, resolve_targets
 from ..errors import ConfigError
 from ..coordinator.run_coordinator import allocate_ranks_locally
-from ..data.loader import make_transform, task_batches
+from ..data.loader import TaskStream, make_transform, task_batches
 from ..data.manifest import Manifest
 from ..methods.base import ContinualMethod, TaskContext, get_method_class
 from ..models.backbone import BackboneSpec, build_backbone, default_normalization
@@ -142,8 +142,18 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
     data_seed = task_seeds(cfg.seed, t)["data_order"]
 
     def batches(epoch: int):
-        it = task_batches(manifest, t, "train", bs, train_tf, shuffle=True, seed=data_seed,
-                          epoch=epoch, rank=rank, world_size=world_size)
+        if cfg.trainer.loader_workers:
+            # worker processes decode the next batches while this one steps; each keeps its
+            # own slice of the rank's seeded stream (TaskStream), so every sample is seen once
+            stream = TaskStream(manifest, t, "train", train_tf, shuffle=True, seed=data_seed,
+                                rank=rank, world_size=world_size)
+            stream.set_epoch(epoch)
+            it = iter(torch.utils.data.DataLoader(
+                stream, batch_size=bs, num_workers=cfg.trainer.loader_workers,
+                pin_memory=device.type == "cuda"))
+        else:
+            it = task_batches(manifest, t, "train", bs, train_tf, shuffle=True, seed=data_seed,
+                              epoch=epoch, rank=rank, world_size=world_size)
         for i, batch in enumerate(it):
             if i >= steps:
                 break
