@@ -74,8 +74,11 @@ def task_worker(config: dict) -> None:
                                    micro_batch_size=cfg.trainer.batch_size, optimizer=optimizer)
 
     def allocate_ranks(task_vectors, params):
-        # rank 0 holds the gathered task vectors after finish(); one request, then broadcast
-        decisions = ray.get(coordinator.allocate_ranks.remote(task_vectors, params)) \
+        # rank 0 holds the gathered task vectors after finish(); one request, then broadcast.
+        # They travel on the host: the coordinator holds no GPU and could not unpickle CUDA
+        # tensors (a GPU worker's weights are on its device)
+        host = {n: tuple(w.detach().cpu() for w in pair) for n, pair in task_vectors.items()}
+        decisions = ray.get(coordinator.allocate_ranks.remote(host, params)) \
             if rank == 0 else None
         return broadcast_object(decisions, src=0)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .inject import lora_layers, task_norm_layers
-from .lora import set_active_adapters
+from .lora import cpu_draw, set_active_adapters
 
 
 def task_key(task_id: int) -> str:
@@ -72,9 +72,10 @@ def reset_linear(layer: nn.Linear, generator: torch.Generator | None = None) -> 
     import math
     bound = 1.0 / math.sqrt(layer.in_features)
     with torch.no_grad():
-        layer.weight.uniform_(-bound, bound, generator=generator)
-        if layer.bias is not None:
-            layer.bias.uniform_(-bound, bound, generator=generator)
+        for p in (layer.weight, layer.bias):
+            if p is not None:
+                p.copy_(cpu_draw(p.shape, p.dtype,
+                                 lambda t: t.uniform_(-bound, bound, generator=generator), p.device))
 
 
 def freeze(module: nn.Module) -> None:

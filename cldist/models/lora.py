@@ -36,6 +36,13 @@ def _flat_shape(weight: torch.Tensor) -> tuple[int, int]:
     return weight.shape[0], int(weight[0].numel())
 
 
+def cpu_draw(shape, dtype: torch.dtype, draw: Callable[[torch.Tensor], torch.Tensor],
+             device: torch.device) -> torch.Tensor:
+    """`draw(tensor)` fills a CPU tensor, which then moves to `device`: the run's generators
+    are CPU generators (a CUDA tensor refuses them), and a GPU run gets the CPU run's values."""
+    return draw(torch.empty(shape, dtype=dtype)).to(device)
+
+
 class LoRALayer(nn.Module):
     """Shared bookkeeping of the Linear and Conv2d LoRA wrappers."""
 
@@ -73,13 +80,13 @@ class LoRALayer(nn.Module):
         if not 1 <= rank <= self.max_rank():
             raise ValueError(f"adapter rank {rank} outside [1, {self.max_rank()}]")
         w = self.base.weight
-        A = torch.empty(rank, self.in_features, dtype=w.dtype, device=w.device)
         if init_A == "kaiming":
             # the same bound nn.Linear uses (kaiming_uniform with a=sqrt(5)): 1/sqrt(fan_in)
             bound = 1.0 / math.sqrt(self.in_features)
-            A.uniform_(-bound, bound, generator=generator)
+            A = cpu_draw((rank, self.in_features), w.dtype,
+                         lambda t: t.uniform_(-bound, bound, generator=generator), w.device)
         elif init_A == "zero":
-            A.zero_()
+            A = torch.zeros(rank, self.in_features, dtype=w.dtype, device=w.device)
         else:
             raise ValueError(f"unknown init_A {init_A!r}; use 'kaiming' or 'zero'")
         self.lora_A[name] = nn.Parameter(A)
@@ -108,11 +115,11 @@ class LoRALayer(nn.Module):
         if name not in self.lora_A:
             raise KeyError(f"no adapter {name!r} on this layer")
         A = self.lora_A[name]
-        w = torch.empty(A.shape[0], dtype=A.dtype, device=A.device)
         if values is None:
-            w.normal_(0.0, 1.0, generator=generator)
+            w = cpu_draw(A.shape[0], A.dtype, lambda t: t.normal_(0.0, 1.0, generator=generator),
+                         A.device)
         else:
-            w.copy_(values)
+            w = torch.empty(A.shape[0], dtype=A.dtype, device=A.device).copy_(values)
         self.lora_w[name] = nn.Parameter(w)
 
     def set_coefficient(self, name: str, fn: Callable[[], torch.Tensor | float] | None) -> None:
