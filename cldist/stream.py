@@ -77,6 +77,12 @@ def preflight(cfg: RunConfig, manifest: Manifest) -> None:
             if url.startswith("file:") or ("://" not in url and not url.startswith("pipe:")):
                 for _ in iter_shard(url, task.classes, expected_count=shard.n_samples):
                     pass
+    if cfg.runner == "inline" and cfg.trainer.use_gpu:
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("trainer.use_gpu=true with runner=inline, but torch sees no CUDA "
+                            "device here; drop trainer.use_gpu, or use runner=ray to train on "
+                            "a cluster's GPUs")
     method = make_method(cfg)
     try:
         from .models.backbone import build_backbone

@@ -37,6 +37,15 @@ def test_bad_override(tmp_path, digits_dir, capsys, override, expected):
     assert not run_dir.exists()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_inline_gpu_run_without_a_gpu(tmp_path, digits_dir, capsys):
+    run_dir = tmp_path / "run"
+    code, err = _run(["run", *tiny_overrides(digits_dir, run_dir), "runner=inline",
+                      "trainer.use_gpu=true"], capsys)
+    assert code == 2 and "trainer.use_gpu=true" in err and "no CUDA device" in err
+    assert not run_dir.exists()
+
+
 @pytest.mark.parametrize("extra, shares", [
     ((), (0.0, 0.0)),  # CPU run: evaluators on the CPU
     (("trainer.use_gpu=true",), (0.9, 0.05)),  # two evaluators beside a worker on one GPU

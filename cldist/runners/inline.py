@@ -1,7 +1,8 @@
 """The inline runner: the whole stream in this process, no Ray, no DeepSpeed.
 
 It calls the same pure functions as the Ray runner (`train_task`, `Scorer`), in task order,
-with plain torch AdamW. For debugging and unit tests.
+with plain torch AdamW, on this machine's GPU with `trainer.use_gpu=true`. For debugging,
+unit tests and single-GPU runs.
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ class InlineRunner:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, on_epoch: Callable | None = None):
         self.cfg, self.run_dir, self.on_epoch = cfg, Path(run_dir), on_epoch
+        import torch
+        # a run's pre-flight refuses use_gpu without a GPU; re-scoring it elsewhere
+        # (`cldist eval`) may use the CPU
+        self.device = "cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu"
         self._scorer: Scorer | None = None
         self.coordinator = RunCoordinator(run_dir)
 
@@ -34,7 +39,7 @@ class InlineRunner:
             t = ready[0]
             if started:
                 started(t)
-            meta = train_task(jobs[t], on_epoch=self.on_epoch,
+            meta = train_task(jobs[t], on_epoch=self.on_epoch, device=self.device,
                               allocate_ranks=self.coordinator.allocate_ranks)
             on_done([(t, meta)])
             done.add(t)
@@ -43,7 +48,7 @@ class InlineRunner:
     @property
     def scorer(self) -> Scorer:
         if self._scorer is None:
-            self._scorer = Scorer(self.cfg, self.run_dir)
+            self._scorer = Scorer(self.cfg, self.run_dir, device=self.device)
         return self._scorer
 
     def score_blocks(self, pairs: Sequence[tuple[int, int]]) -> list[Block]:
