@@ -320,6 +320,8 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
                "train_seconds_per_task": [meta.get(str(t), {}).get("train_seconds") for t in range(n)],
                "eval_seconds_per_image": evaluator.eval_seconds,
                "eval_tasks_seen": evaluator.eval_tasks_seen,
+               # runs agree to the bit only on the same kernels (cldist.train.task.kernels)
+               "kernels": sorted({m["kernels"] for m in meta.values() if "kernels" in m}),
                **task_il_metrics(evaluator.task_il_rows, n_test)}
     write_json_atomic(run_dir / "metrics.json", metrics)
     coordinator.set("status", "finished")

@@ -106,6 +106,20 @@ def task_generator(seed: int, task_id: int, salt: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(task_seeds(seed, task_id)["method_generator"] + salt)
 
 
+def kernels(device: torch.device) -> str:
+    """Which kernels computed a task: the same code, data and seed give bit-identical numbers
+    only on the same ones (AVX2 and AVX-512 CPU kernels round differently, and training
+    amplifies it). ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA pick older CPU kernels."""
+    import os
+    if device.type == "cuda":
+        where = f"cuda {torch.cuda.get_device_name(device)}"
+    else:
+        where = f"cpu {torch.backends.cpu.get_cpu_capability()}"
+        if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+            where += f", oneDNN max {os.environ['ONEDNN_MAX_CPU_ISA']}"
+    return f"torch {torch.__version__}, {where}"
+
+
 def torch_engine(module, params, lr, weight_decay, total_steps, optimizer="adamw"):
     return TorchStepEngine(module, params, lr, weight_decay, total_steps, optimizer)
 
@@ -209,7 +223,8 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                  "params_added": method.params_added(model, t),
                  "train_seconds": time.perf_counter() - start, "world_size": world_size,
                  "setup_seconds": setup_seconds, "rank_allocation_seconds": allocation_seconds[0],
-                 "seed": cfg.seed, "data_seed": data_seed, "seeds": task_seeds(cfg.seed, t)})
+                 "seed": cfg.seed, "data_seed": data_seed, "seeds": task_seeds(cfg.seed, t),
+                 "kernels": kernels(device)})
     if rank == 0:
         root = Path(staging_root) if staging_root else Path(job.run_dir) / "tasks"
         staging = root / f".staging-{t:03d}-{uuid.uuid4().hex[:8]}"
