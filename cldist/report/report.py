@@ -15,7 +15,7 @@ task; preferred over params_per_task for the per-task figure), ranks ({task_id: 
 rank}}), eval_seconds_per_image (one per evaluation step) with eval_tasks_seen (tasks each
 evaluation covered), avg_acc_curve and forgetting_per_task (recomputed from the matrix when
 absent; the curve uses `n_test`, the per-task test sizes, when present), and
-scenario/backbone/seed/runner for the header.
+scenario/backbone/seed/runner/kernels for the header.
 state.json is read for SD-LoRA's per-task rank (`task_meta[t].rank`) when `ranks` holds no
 per-layer ranks.
 """
@@ -49,7 +49,7 @@ from cldist.report.summary import (
 
 REQUIRED_KEYS = ("acc", "aaa", "forgetting", "bwt", "accuracy_matrix", "n_tasks", "method",
                  "params_per_task", "wall_seconds")
-HEADER_KEYS = ("scenario", "backbone", "seed", "runner")
+HEADER_KEYS = ("scenario", "backbone", "seed", "runner", "kernels")
 # A markdown grid of the matrix is readable up to about this many tasks; the heatmap always is.
 MAX_MARKDOWN_MATRIX_TASKS = 12
 # Row label of the rank heatmap for methods with one rank per task for every layer (SD-LoRA).
@@ -296,7 +296,8 @@ def build_run_document(run_dir: Path, metrics: Mapping[str, Any],
             f"sub-network on each image grow with the number of tasks.",
             figure=plots.plot_eval_time(seconds, plot_dir / "eval_time.png", tasks_seen)))
 
-    details = [(key, str(metrics[key])) for key in HEADER_KEYS if key in metrics]
+    details = [(key, "; ".join(map(str, metrics[key])) if isinstance(metrics[key], list)
+                else str(metrics[key])) for key in HEADER_KEYS if key in metrics]
     return Document(f"cldist report: {method}, {metrics['n_tasks']} tasks", details, sections)
 
 
