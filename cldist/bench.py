@@ -2,8 +2,8 @@
 
 Every benchmark measures a cldist path against a plain baseline side by side, in one process
 and one run, and reports the ratio; the figures go to stdout (a markdown table) and to
-`OUT/NAME.json`. All of them run on synthetic data (cldist.synthetic) and timm's test ViT, so
-they need no download and take minutes on a 2-core machine:
+`OUT/NAME.json`. All of them run on synthetic data (cldist.synthetic, or the JPEGs `loader`
+draws) and timm's test ViT, so they need no download and take minutes on a 2-core machine:
 
 - `scheduling`: a 10-task PEARL stream through the Ray runner - one job at a time (baseline)
   vs two independent jobs side by side vs packed jobs (`trainer.tasks_per_job`);
