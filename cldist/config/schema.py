@@ -258,13 +258,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         p.append(f"trainer.tasks_per_job={cfg.trainer.tasks_per_job}: must be >= 1")
     if not cfg.trainer.poll_interval_s > 0:
         p.append(f"trainer.poll_interval_s={cfg.trainer.poll_interval_s}: must be > 0 (seconds)")
+    shares_valid = cfg.cluster.eval_actors >= 1
     if cfg.cluster.eval_gpus is not None and not 0 <= cfg.cluster.eval_gpus < 1:
+        shares_valid = False
         p.append(f"cluster.eval_gpus={cfg.cluster.eval_gpus}: must be in [0, 1) (a share of one "
                  f"GPU per evaluator; 0 scores on CPU)")
-    elif cfg.trainer.gpus_per_worker is not None and not 0.5 < cfg.trainer.gpus_per_worker <= 1:
+    if cfg.trainer.gpus_per_worker is not None and not 0.5 < cfg.trainer.gpus_per_worker <= 1:
+        shares_valid = False
         p.append(f"trainer.gpus_per_worker={cfg.trainer.gpus_per_worker}: must be in (0.5, 1] "
                  f"(a worker owns its GPU: two ranks on one GPU break NCCL)")
-    elif cfg.trainer.use_gpu and cfg.cluster.eval_actors >= 1:
+    if cfg.trainer.use_gpu and shares_valid:
         per_worker, eval_gpus = gpu_shares(cfg)
         if per_worker <= 0.5 or per_worker + cfg.cluster.eval_actors * eval_gpus > 1 + 1e-9:
             p.append(f"trainer.gpus_per_worker={per_worker} + cluster.eval_actors="

@@ -106,9 +106,10 @@ def build_backbone(spec: BackboneSpec) -> nn.Module:
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
         raise UserError(f"unknown timm backbone {spec.name!r}; similar names: {close}")
-    if tag and spec.name not in timm.list_pretrained(f"{arch}.*"):
+    tagged = timm.list_pretrained(f"{arch}.*") if tag else []
+    if tag and spec.name not in tagged:
         raise UserError(f"backbone {arch!r} has no weights tagged {tag!r}; tagged names: "
-                        f"{timm.list_pretrained(f'{arch}.*')}")
+                        f"{tagged}")
     download = spec.pretrained and not spec.checkpoint
     try:
         model = timm.create_model(spec.name, pretrained=download, **kwargs)

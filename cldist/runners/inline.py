@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from ..config.schema import RunConfig
 from ..coordinator.run_coordinator import RunCoordinator
 from ..eval.scoring import Block, Scorer, SingleScores
@@ -21,7 +23,6 @@ class InlineRunner:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, on_epoch: Callable | None = None):
         self.cfg, self.run_dir, self.on_epoch = cfg, Path(run_dir), on_epoch
-        import torch
         # a run's pre-flight refuses use_gpu without a GPU; re-scoring it elsewhere
         # (`cldist eval`) may use the CPU
         self.device = "cuda" if cfg.trainer.use_gpu and torch.cuda.is_available() else "cpu"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -110,7 +111,6 @@ def kernels(device: torch.device) -> str:
     """Which kernels computed a task: the same code, data and seed give bit-identical numbers
     only on the same ones (AVX2 and AVX-512 CPU kernels round differently, and training
     amplifies it). ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA pick older CPU kernels."""
-    import os
     if device.type == "cuda":
         where = f"cuda {torch.cuda.get_device_name(device)}"
     else:
