@@ -7,6 +7,7 @@ Library code receives these plain dataclasses (or dicts made from them), never H
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -14,6 +15,10 @@ from ..errors import ConfigError
 
 RUNNERS = ("ray", "inline")
 NORMALIZATIONS = ("backbone", "none")
+CLASS_IL_RULES = ("routed", "ensemble")
+ROUTED_COMBINE = ("posterior_head", "lda_head", "top1")
+# a P x P float64 scatter is saved with every task: 8192 dims = 512 MiB a task is the ceiling
+MAX_PROJECTION_DIM = 8192
 
 
 @dataclass
@@ -79,6 +84,13 @@ class ScenarioConfig:
     # straight to image_size)
     test_resize: Optional[int] = None
     normalize: str = "backbone"  # backbone (timm's mean/std for the weights) | none ([0, 1])
+    # hosts a remote manifest or shard URL may name: HOST or HOST:PORT (http and https),
+    # https://HOST (that scheme only), s3://BUCKET (an object store via fsspec); empty: local
+    # data only. Never pipe: or other command schemes, never cloud metadata addresses.
+    allowed_hosts: list[str] = field(default_factory=list)
+    # the largest tar member (image or label) a shard may hold, checked from its header before
+    # it is read (default 64 MiB, cldist.data.shards.MAX_MEMBER_BYTES)
+    max_member_bytes: int = 64 << 20
 
 
 @dataclass
@@ -136,12 +148,29 @@ class ClusterConfig:
 
 
 @dataclass
+class RouterConfig:
+    """Class statistics on the reference network's features (cldist.eval.routing)."""
+    shrinkage: float = 0.1  # Sigma + shrinkage * mean(diag Sigma) * I before inverting
+    projection_dim: int = 0  # > 0: a seeded random projection + ReLU first (RanPAC); 0 = off
+
+
+@dataclass
+class EvalConfig:
+    """How sub-network methods decide in Class-IL (both rules are always computed)."""
+    class_il: str = "routed"  # routed | ensemble: which rule acc / accuracy_matrix report
+    top_k: int = 2  # routed: sub-networks run per image, besides the reference
+    combine: str = "posterior_head"  # routed: posterior_head | lda_head | top1
+
+
+@dataclass
 class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     runner: str = "ray"
     seed: int = 0
     run_dir: Optional[str] = None
@@ -155,8 +184,12 @@ class RunConfig:
         return RunConfig(method=MethodConfig(**d["method"]), scenario=ScenarioConfig(**d["scenario"]),
                          backbone=BackboneConfig(**d["backbone"]), trainer=TrainerConfig(**d["trainer"]),
                          cluster=ClusterConfig(**d["cluster"]),
+                         # runs made before routing existed have neither section
+                         router=RouterConfig(**d.get("router", {})),
+                         eval=EvalConfig(**d.get("eval", {})),
                          **{k: v for k, v in d.items()
-                            if k not in ("method", "scenario", "backbone", "trainer", "cluster")})
+                            if k not in ("method", "scenario", "backbone", "trainer", "cluster",
+                                         "router", "eval")})
 
     @property
     def main_epochs(self) -> int:
@@ -245,6 +278,13 @@ def validate(cfg: RunConfig) -> RunConfig:
         p.append(f"method.kappa_steps={m.kappa_steps}: must be >= 1")
     if cfg.scenario.normalize not in NORMALIZATIONS:
         p.append(f"scenario.normalize={cfg.scenario.normalize}: choose backbone or none")
+    if cfg.scenario.max_member_bytes < 1:
+        p.append(f"scenario.max_member_bytes={cfg.scenario.max_member_bytes}: must be >= 1 "
+                 f"(bytes; default {64 << 20})")
+    for host in cfg.scenario.allowed_hosts:
+        if not _host_entry_ok(host):
+            p.append(f"scenario.allowed_hosts: {host!r} is not HOST, HOST:PORT, "
+                     f"http(s)://HOST[:PORT] or s3://BUCKET (gs, gcs, az, abfs, abfss, memory)")
     if cfg.backbone.family not in ("cnn", "vit"):
         p.append(f"backbone.family={cfg.backbone.family}: choose cnn or vit")
     if not cfg.method.targets:
@@ -280,6 +320,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not has_pretrained_weights(cfg) and cfg.method.reference == "pretrained":
         p.append("method.reference=pretrained but the backbone has no pre-trained weights "
                  "(backbone.checkpoint / backbone.pretrained): set method.reference=first_task")
+    if not 0 <= cfg.router.shrinkage < math.inf:
+        p.append(f"router.shrinkage={cfg.router.shrinkage}: must be a finite number >= 0")
+    if not 0 <= cfg.router.projection_dim <= MAX_PROJECTION_DIM:
+        p.append(f"router.projection_dim={cfg.router.projection_dim}: must be in "
+                 f"0..{MAX_PROJECTION_DIM} (0 = no projection)")
+    if cfg.eval.class_il not in CLASS_IL_RULES:
+        p.append(f"eval.class_il={cfg.eval.class_il}: choose one of {', '.join(CLASS_IL_RULES)}")
+    if cfg.eval.top_k < 1:
+        p.append(f"eval.top_k={cfg.eval.top_k}: must be >= 1")
+    if cfg.eval.combine not in ROUTED_COMBINE:
+        p.append(f"eval.combine={cfg.eval.combine}: choose one of {', '.join(ROUTED_COMBINE)}")
     if p:
         raise ConfigError(p)
     return cfg
@@ -335,3 +386,17 @@ def resolve_targets(cfg: RunConfig) -> list[str]:
         else:  # a CNN has no q/k/v: its 'default' role stands in for attention roles
             patterns += list(cfg.backbone.roles["default"])
     return list(dict.fromkeys(patterns))
+
+
+def _host_entry_ok(entry) -> bool:
+    """Whether `entry` has the form `scenario.allowed_hosts` documents."""
+    from ..data.remote import HTTP_SCHEMES, OBJECT_STORE_SCHEMES
+    if not isinstance(entry, str):
+        return False
+    kind, sep, rest = entry.strip().lower().rstrip("/").partition("://")
+    if not sep:
+        kind, rest = "http", kind
+    if kind in OBJECT_STORE_SCHEMES:
+        return bool(re.fullmatch(r"[a-z0-9][a-z0-9._-]*", rest))
+    return kind in HTTP_SCHEMES and bool(
+        re.fullmatch(r"([a-z0-9_.-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?", rest))
