@@ -10,7 +10,12 @@ down for a shared machine:
 * token authentication is on (`RAY_AUTH_MODE=token`, Ray 2.60's default for a local
   `ray.init()`); the token is read from `RAY_AUTH_TOKEN`, the file `RAY_AUTH_TOKEN_PATH`, or
   `~/.ray/auth_token`, which Ray creates on first start (we make it owner-only);
-* no dashboard web UI; Ray's own logging at WARNING.
+* no dashboard web UI; Ray's own logging at WARNING;
+* no calls home: usage stats off (`RAY_USAGE_STATS_ENABLED=0`, inherited by every Ray
+  process), and the API server Ray starts on the head even without a dashboard runs with
+  its cloud-provider probe answered "unknown". In Ray 2.60 that probe (HTTP to
+  169.254.169.254 and metadata.google.internal, in `UsageStatsHead.run()`) runs whether
+  usage stats are on or off, and no setting skips it; see docs/SECURITY.md.
 
 (Outside Ray's control: the TCPStore torch opens per Train job on MASTER_PORT listens on all
 interfaces; see docs/notes-distributed.md.)
@@ -23,10 +28,12 @@ that address is joined instead of starting a cluster.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import stat
+import sys
 from pathlib import Path
 
 import ray
@@ -38,6 +45,20 @@ logger = logging.getLogger(__name__)
 # Ray's switch for "single-machine cluster": node IP resolves to 127.0.0.1, so servers bind there.
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _AUTH_MODE_ENV = "RAY_AUTH_MODE"
+# Ray's usage-stats switch. ray.init() turns stats off by itself for release wheels only;
+# set explicitly (it outranks ~/.ray/config.json) so that no Ray process reports usage.
+_USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
+
+# Runs Ray's API server (dashboard.py) with the one function that probes cloud metadata
+# endpoints replaced. -c puts the current directory first on sys.path; the script's own
+# directory goes there instead, as `python dashboard.py` would have it.
+_API_SERVER_SHIM = (
+    "import sys; sys.path[:1] = [{dirname!r}] if sys.path[:1] == [''] else sys.path[:1]; "
+    "import ray._common.usage.usage_lib as usage_lib; "
+    "usage_lib.get_cloud_from_metadata_requests = lambda: 'unknown'; "
+    "import runpy; sys.argv[0] = {script!r}; "
+    "runpy.run_path({script!r}, run_name='__main__')  # cldist: no cloud metadata probe"
+)
 
 # What connect() did, so shutdown() undoes only that.
 _state: dict = {"owner": False, "started_local": False, "saved_env": {}, "saved_loopback": None}
@@ -122,6 +143,7 @@ def cluster_info() -> dict:
 
 def _start_local(num_cpus: int | None, num_gpus: int | None, worker_logs: bool) -> None:
     _set_env(_LOOPBACK_ENV, "0")
+    _set_env(_USAGE_STATS_ENV, "0")
     auth_mode = os.environ.get(_AUTH_MODE_ENV)
     if auth_mode is not None and auth_mode.lower() != "token":
         logger.warning("%s=%s: the embedded Ray cluster starts WITHOUT token authentication; "
@@ -136,9 +158,10 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, worker_logs: bool) 
     token_setup_logger.setLevel(logging.ERROR)
     try:
         # "local" (not None) so an unrelated `ray start` cluster here is never joined.
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-                 _node_ip_address="127.0.0.1", include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=worker_logs)
+        with _api_server_without_cloud_probe():
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                     _node_ip_address="127.0.0.1", include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=worker_logs)
     except BaseException:
         _restore_env()
         raise
@@ -146,6 +169,38 @@ def _start_local(num_cpus: int | None, num_gpus: int | None, worker_logs: bool) 
         token_setup_logger.setLevel(previous_level)
     _state["started_local"] = True
     _restrict_token_file()
+
+
+@contextlib.contextmanager
+def _api_server_without_cloud_probe():
+    """While ray.init() starts the head's processes, start its API server through the shim."""
+    from ray._private import ray_constants, services
+
+    original = services.start_ray_process
+
+    def start_ray_process(command, process_type, *args, **kwargs):
+        if process_type == ray_constants.PROCESS_TYPE_DASHBOARD:
+            command = api_server_command(command)
+        return original(command, process_type, *args, **kwargs)
+
+    services.start_ray_process = start_ray_process
+    try:
+        yield
+    finally:
+        services.start_ray_process = original
+
+
+def api_server_command(command: list[str]) -> list[str]:
+    """Ray's `python .../dashboard/dashboard.py ARGS` as the same process without the
+    cloud-metadata probe; any other shape (e.g. under Ray's memray profiler) unchanged."""
+    if (len(command) >= 2 and command[0] == sys.executable
+            and command[1].endswith(os.path.join("dashboard", "dashboard.py"))):
+        script = command[1]
+        shim = _API_SERVER_SHIM.format(dirname=os.path.dirname(script), script=script)
+        return [command[0], "-c", shim, *command[2:]]
+    logger.warning("Ray's API server starts as %r, not as cldist expects: its cloud-metadata "
+                   "probe (169.254.169.254, metadata.google.internal) stays on", command[:2])
+    return command
 
 
 def _join(address: str, worker_logs: bool) -> None:
