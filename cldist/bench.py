@@ -11,6 +11,10 @@ draws) and timm's test ViT, so they need no download and take minutes on a 2-cor
 - `eval`: the full class-IL accuracy matrix of the first N = 10, 20, 50 tasks of a finished
   PEARL run - a naive loop (one process, one forward per (sub-network, test set) block) vs
   the sharded evaluator (Ray actors, sub-networks sharded, test sets batched per sub-network).
+- `routing`: Class-IL scoring throughput (test images/s) of the first T = 10, 50, 100 tasks of
+  a finished PEARL run - the ensemble (every sub-network on every image, the paper's protocol;
+  baseline) vs routed (`Scorer.score_routed`: one reference forward, then only each image's
+  top-2 sub-networks, images grouped by routed task), and network forwards per image.
 - `svd`: one ViT-B-sized layer (768 x 768) - dense SVD (baseline) vs randomised SVD vs QR of
   rank-16 LoRA factors with an r x r SVD.
 - `loader`: one task of photo-sized JPEGs through the papers' training transform
@@ -134,6 +138,56 @@ def bench_eval(work: Path) -> dict:
         ray_runner.close()
     return {"run": "PEARL, 50 tasks x 2 synthetic classes (8 test images each), test_vit",
             "evaluator_actors": 2, "rows": rows}
+
+
+@register
+def bench_routing(work: Path) -> dict:
+    from .config.compose import compose
+    from .eval.scoring import (Scorer, fit_router, routed_row_from_blocks, row_from_blocks)
+    torch.set_num_threads(1)
+    data = _stream_data(work, 100)
+    run_dir = work / "routing-run"
+    if not (run_dir / "metrics.json").exists():  # trained inline: the run is the input here
+        _run(data, run_dir, "runner=inline", "method.epochs=1", "method.reference_epochs=2")
+    cfg = compose(["scenario=digits_5t", f"scenario.manifest={data}", "backbone=test_vit",
+                   f"run_dir={run_dir}", "report=false"])
+    top_k, combine, shrinkage = 2, "posterior_head", cfg.router.shrinkage
+    scorer = Scorer(cfg, run_dir)
+    scorer.load_tasks(range(100))
+    scorer.task_statistics(range(100))  # the router's state, held like the sub-networks
+    for j in range(100):
+        scorer.test_set(j)  # decoding is not what is compared: both cache it
+    scorer.score_routed(9, range(10), top_k, combine, shrinkage)  # warm both paths
+    scorer.score_blocks([(0, 0), (1, 1)])
+    rows = []
+    for n in (10, 50, 100):
+        tests = list(range(n))
+        images = sum(len(scorer.test_labels(j)) for j in tests)
+        start = time.perf_counter()  # the paper's protocol: every sub-network on every image
+        blocks = {(b.subnet, b.test): b
+                  for b in scorer.score_blocks([(i, j) for i in tests for j in tests])}
+        labels = {j: scorer.test_labels(j) for j in tests}
+        ensemble_row = row_from_blocks(n - 1, blocks, labels)
+        ensemble_s = time.perf_counter() - start
+        scorer.forget_features()  # the reference forward is part of routed scoring
+        start = time.perf_counter()
+        routed = scorer.score_routed(n - 1, tests, top_k, combine, shrinkage)
+        routed_s = time.perf_counter() - start
+        # the same decision as the one the stream derives from the blocks
+        lda = fit_router([scorer.task_statistics([t])[t] for t in tests], shrinkage, 2 * n)
+        assert routed.row == routed_row_from_blocks(
+            n - 1, blocks, labels, scorer.reference_features(tests), lda, [2] * n, top_k,
+            combine).row
+        assert len(ensemble_row) == n
+        rows.append({"tasks": n, "test_images": images,
+                     "ensemble_images_per_s": round(images / ensemble_s, 1),
+                     "routed_images_per_s": round(images / routed_s, 1),
+                     "speedup": round(ensemble_s / routed_s, 1),
+                     "forwards_per_image_ensemble": n,
+                     "forwards_per_image_routed": round(routed.forwards_per_image, 2)})
+    return {"run": "PEARL, 100 tasks x 2 synthetic classes (8 test images each), test_vit, "
+                   "1 thread; the first T tasks' sub-networks and test sets",
+            "routed": f"score_routed, top_k={top_k}, combine={combine}", "rows": rows}
 
 
 @register

@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="re-score a finished run from its run directory (Class-IL)")
     ev.add_argument("run_dir")
     ev.add_argument("--split", default="test", choices=["test"])
+    ev.add_argument("--class-il", default=None, choices=["routed", "ensemble"],
+                    help="sub-network methods: the Class-IL rule acc/accuracy_matrix report "
+                         "(default: the run's eval.class_il); both are printed")
+    ev.add_argument("--top-k", type=int, default=None, metavar="K",
+                    help="routed: sub-networks run per image (default: the run's eval.top_k)")
+    ev.add_argument("--combine", default=None, choices=["posterior_head", "lda_head", "top1"],
+                    help="routed: the decision rule (default: the run's eval.combine)")
     rep = sub.add_parser("report", help="write report.md + report.html with plots; several "
                                          "runs = comparison (mean ± std over seeds)")
     rep.add_argument("run_dirs", nargs="+")
@@ -93,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="single run: do not write the figures to RUN_DIR/tb/report/")
     bench = sub.add_parser("bench", help="the benchmark suite (docs/BENCHMARKS.md)")
     bench.add_argument("names", nargs="*", metavar="NAME",
-                       help="scheduling, eval, svd, stream100 (default: all)")
+                       help="scheduling, eval, routing, svd, loader, stream100 (default: all)")
     bench.add_argument("--out", default="runs/bench", help="where NAME.json files go")
     data = sub.add_parser("data", help="build or verify webdataset shards")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -270,15 +277,24 @@ def _parse_value(text: str):
     return yaml.safe_load(text) if text != "" else ""
 
 
-def cmd_eval(run_dir: str) -> int:
+def cmd_eval(run_dir: str, class_il: str | None = None, top_k: int | None = None,
+             combine: str | None = None) -> int:
+    """Re-score a finished run; prints metrics.json's accuracy keys as JSON. Sub-network methods
+    get both Class-IL rules from the blocks, and the final routed figure (with the router's
+    task-id accuracy and forwards per image) from a true routed execution (score_routed)."""
     from .config.compose import config_from_dict
+    from .config.schema import validate
     from .coordinator.store import RunState, load_run_manifest
     from .eval.metrics import summarize
     from .runners.inline import InlineRunner
-    from .stream import StreamEvaluator, task_il_metrics
+    from .stream import stream_evaluator, task_il_metrics
     from .train.task import make_method
     path, data = _read_run_config(run_dir)
     cfg = config_from_dict(data, origin=str(path))
+    for key, value in (("class_il", class_il), ("top_k", top_k), ("combine", combine)):
+        if value is not None:
+            setattr(cfg.eval, key, value)
+    validate(cfg)  # --top-k 0 is named like eval.top_k=0 would be
     manifest = load_run_manifest(run_dir)
     state = RunState(run_dir)
     n = manifest.n_tasks
@@ -287,12 +303,18 @@ def cmd_eval(run_dir: str) -> int:
         raise UserError(f"{run_dir} is unfinished (tasks {missing} missing); `cldist resume "
                         f"{run_dir}` first")
     n_test = [t.n_test for t in manifest.tasks]
-    evaluator = StreamEvaluator(make_method(cfg).prediction, InlineRunner(cfg, run_dir), n, n_test)
+    runner = InlineRunner(cfg, run_dir)
+    evaluator = stream_evaluator(cfg, manifest, make_method(cfg).prediction, runner)
     for t in range(n):
         evaluator.task_finished(t)
+    if evaluator.routing:  # the routed figure from running only the routed sub-networks
+        routed = runner.scorer.score_routed(n - 1, list(range(n)), cfg.eval.top_k,
+                                            cfg.eval.combine, cfg.router.shrinkage)
+        evaluator.rows_routed[-1], evaluator.routed_scores[-1] = routed.row, routed
     s = summarize(evaluator.rows, n_test)
     out = {"acc": s["acc"], "aaa": s["aaa"], "forgetting": s["forgetting"], "bwt": s["bwt"],
-           "accuracy_matrix": evaluator.rows, **task_il_metrics(evaluator.task_il_rows, n_test)}
+           "accuracy_matrix": evaluator.rows, **task_il_metrics(evaluator.task_il_rows, n_test),
+           **evaluator.class_il_metrics()}
     print(json.dumps(out, indent=2))
     return 0
 
@@ -358,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "resume":
             return cmd_resume(args.run_dir, args.overrides, args.allow_lr_change)
         if args.command == "eval":
-            return cmd_eval(args.run_dir)
+            return cmd_eval(args.run_dir, args.class_il, args.top_k, args.combine)
         if args.command == "report":
             return cmd_report(args.run_dirs, args.out, tensorboard=not args.no_tensorboard)
         if args.command == "bench":

@@ -12,7 +12,9 @@ Finished tasks are committed through it, so `state.json` has exactly one writer:
 when a job ends, and by a packed job's rank 0 as soon as each task but its last is reported.
 
 Evaluators: each holds the frozen backbone once plus the adapters of the sub-networks it was
-given (PEARL: shard by sub-network) or a share of the test sets (single-model methods).
+given (PEARL: shard by sub-network) or a share of the test sets (single-model methods). For
+routed Class-IL they also give the reference network's features of their share of the test sets
+and, for runs whose tasks saved none, the class statistics of their share of the tasks.
 """
 from __future__ import annotations
 
@@ -169,3 +171,13 @@ class EvaluatorActor:
 
     def test_labels(self, j: int):
         return self.scorer.test_labels(j)
+
+    def reference_features(self, tests: Sequence[int]):
+        return self.scorer.reference_features(tests)
+
+    def task_statistics(self, tasks: Sequence[int]):
+        return self.scorer.task_statistics(tasks)
+
+    def score_routed(self, upto_task: int, tests: Sequence[int], top_k: int, combine: str,
+                     shrinkage: float):
+        return self.scorer.score_routed(upto_task, tests, top_k, combine, shrinkage)

@@ -36,7 +36,7 @@ import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..config.schema import RunConfig, gpu_shares
-from ..eval.scoring import Block, SingleScores
+from ..eval.scoring import Block, SingleScores, saved_task_statistics
 from ..runners import OnTaskDone, ready_order
 from ..train.task import TaskJob
 from .actors import CoordinatorActor, CoordinatorProxy, EvaluatorActor
@@ -377,6 +377,29 @@ class RayRunner:
     def test_labels(self, j: int):
         k = j % len(self.evaluators)
         return self._on_evaluators({k: ("test_labels", (j,))})[k]
+
+    def reference_features(self, tests: Sequence[int]) -> dict:
+        # test set j on actor j mod n, the one that already decoded it for its labels
+        n = len(self.evaluators)
+        shards: dict[int, list[int]] = {}
+        for j in tests:
+            shards.setdefault(j % n, []).append(j)
+        parts = self._on_evaluators({k: ("reference_features", (p,)) for k, p in shards.items()})
+        return {j: f for part in parts.values() for j, f in part.items()}
+
+    def task_statistics(self, tasks: Sequence[int]) -> dict:
+        # the driver sits beside the run directory: saved statistics are read here, and only a
+        # run made before tasks saved them has evaluators collect them (one pass per task)
+        out = {t: saved_task_statistics(self.run_dir, t) for t in tasks}
+        missing = [t for t, s in out.items() if s is None]
+        n = len(self.evaluators) if missing else 1
+        shards: dict[int, list[int]] = {}
+        for t in missing:
+            shards.setdefault(t % n, []).append(t)
+        parts = self._on_evaluators({k: ("task_statistics", (p,)) for k, p in shards.items()})
+        for part in parts.values():
+            out.update(part)
+        return out
 
     def close(self) -> None:
         """Stop this run's actors (the cluster itself stays up: it may be shared)."""

@@ -14,8 +14,10 @@ params_per_task (int, or one int per task), wall_seconds; optional: params_added
 task; preferred over params_per_task for the per-task figure), ranks ({task_id: {layer:
 rank}}), eval_seconds_per_image (one per evaluation step) with eval_tasks_seen (tasks each
 evaluation covered), avg_acc_curve and forgetting_per_task (recomputed from the matrix when
-absent; the curve uses `n_test`, the per-task test sizes, when present), and
-scenario/backbone/seed/runner/kernels for the header.
+absent; the curve uses `n_test`, the per-task test sizes, when present),
+scenario/backbone/seed/runner/kernels for the header, and for sub-network methods
+accuracy_matrix_routed / accuracy_matrix_ensemble, class_il_rule, forwards_per_image,
+task_id_acc and routing (both Class-IL rules side by side).
 state.json is read for SD-LoRA's per-task rank (`task_meta[t].rank`) when `ranks` holds no
 per-layer ranks.
 """
@@ -243,12 +245,17 @@ def build_run_document(run_dir: Path, metrics: Mapping[str, Any],
                         table=Table(list(SUMMARY_COLUMNS), [summary_row(metrics)]))]
 
     matrix_section = Section(
-        "Accuracy matrix", "R[t][j] = accuracy (%) on task j's test data after training task t.",
+        "Accuracy matrix", "R[t][j] = accuracy (%) on task j's test data after training task t"
+        + (f" ({metrics['class_il_rule']} Class-IL rule)." if "class_il_rule" in metrics else "."),
         figure=plots.plot_accuracy_matrix(matrix, plot_dir / "accuracy_matrix.png",
                                           title=f"{method}: accuracy matrix R[t][j] (%)"))
     if n_tasks <= MAX_MARKDOWN_MATRIX_TASKS:
         matrix_section.extra_tables.append(_matrix_table(matrix))
     sections.append(matrix_section)
+
+    rules_section = class_il_rules_section(metrics, plot_dir)
+    if rules_section is not None:
+        sections.append(rules_section)
 
     task_il = metrics.get("task_il_accuracy_matrix")
     if task_il:  # runs written before Task-IL scoring have none
@@ -299,6 +306,52 @@ def build_run_document(run_dir: Path, metrics: Mapping[str, Any],
     details = [(key, "; ".join(map(str, metrics[key])) if isinstance(metrics[key], list)
                 else str(metrics[key])) for key in HEADER_KEYS if key in metrics]
     return Document(f"cldist report: {method}, {metrics['n_tasks']} tasks", details, sections)
+
+
+RULE_COLUMNS = ["Class-IL rule", "Acc", "AAA", "forgetting", "BWT", "forwards/image"]
+
+
+def class_il_rules_section(metrics: Mapping[str, Any], plot_dir: Path) -> Section | None:
+    """A sub-network method's two Class-IL rules side by side: one table row each, and the
+    matrix of the rule the summary does not report (None for runs without both rules)."""
+    matrices = {rule: metrics.get(f"accuracy_matrix_{rule}") for rule in ("routed", "ensemble")}
+    matrices = {rule: m for rule, m in matrices.items() if m}
+    if not matrices:
+        return None
+    n_test = metrics.get("n_test")
+    forwards = metrics.get("forwards_per_image") or {}
+    reported = metrics.get("class_il_rule", "ensemble")
+    rows = []
+    for rule, matrix in matrices.items():
+        s = summarize(matrix, n_test)
+        rows.append([rule + (" (reported)" if rule == reported else ""),
+                     *(f"{s[k]:.2f}" for k in ("acc", "aaa", "forgetting", "bwt")),
+                     str(forwards.get(rule, "-"))])
+    caption = ("Sub-network methods decide Class-IL two ways, both scored on the same "
+               "sub-networks: ensemble (the paper's protocol: every sub-network on every image, "
+               "argmax over the concatenated logits) and routed (one reference-network forward, "
+               "the class statistics' task posterior picks the top-k sub-networks, combined "
+               "with their log-softmax). The summary reports "
+               f"`eval.class_il={reported}`.")
+    task_id = metrics.get("task_id_acc")
+    if task_id:
+        routing = metrics.get("routing") or {}
+        caption += (f" The router found the image's task first for {task_id['top1']:.1f} % of "
+                    f"the final test images, among its top {task_id['k']} for "
+                    f"{task_id['top_k']:.1f} %"
+                    + (f" (combine: {routing['combine']}, shrinkage {routing['shrinkage']})"
+                       if routing else "") + ".")
+    section = Section("Class-IL decision: routed and ensemble", caption,
+                      table=Table(RULE_COLUMNS, rows))
+    other = next((rule for rule in matrices if rule != reported), None)
+    if other is not None:
+        matrix = matrices[other]
+        section.figure = plots.plot_accuracy_matrix(
+            matrix, plot_dir / f"accuracy_matrix_{other}.png",
+            title=f"{metrics['method']}: accuracy matrix, {other} rule (%)")
+        if len(matrix) <= MAX_MARKDOWN_MATRIX_TASKS:
+            section.extra_tables.append(_matrix_table(matrix))
+    return section
 
 
 def write_report_tensorboard(tb_dir: Path, figures: Sequence[Path], params: Sequence[int],
@@ -475,8 +528,16 @@ def write_comparison(run_dirs: Sequence[str | Path], out_path: str | Path) -> Pa
                 for seed, count in Counter(str(r.seed) for r in g.runs).items() if count > 1]
     if repeated:
         summary_caption += f" Note, a seed appears twice in: {'; '.join(repeated)}."
-    sections = [Section("Summary", summary_caption,
-                        table=Table(list(COMPARISON_COLUMNS), [_group_row(g) for g in groups]))]
+    headers, rows = list(COMPARISON_COLUMNS), [_group_row(g) for g in groups]
+    if any("acc_ensemble" in run.metrics for run in runs):
+        # sub-network methods: both Class-IL rules side by side ("-": a run without that rule)
+        headers += ["Acc routed", "Acc ensemble"]
+        for row, group in zip(rows, groups):
+            row += [format_mean_std([r.metrics.get(key) for r in group.runs])
+                    for key in ("acc_routed", "acc_ensemble")]
+        summary_caption += (" Acc routed / Acc ensemble: a sub-network method's two Class-IL "
+                            "rules (Acc is the one its eval.class_il names).")
+    sections = [Section("Summary", summary_caption, table=Table(headers, rows))]
 
     band = "; shaded: ± one standard deviation over seeds" if several_seeds else ""
     accuracy = {}

@@ -125,9 +125,33 @@ def format_accuracy_grid(matrix: Sequence[Sequence[float]], max_tasks: int = 20)
 
 # --------------------------------------------------------------------------- tables
 
+def format_class_il_rules(metrics: Mapping[str, Any]) -> str | None:
+    """One line comparing a sub-network method's two Class-IL rules (routed, ensemble): their
+    final accuracy, network forwards per test image and the router's task-id accuracy; None for
+    runs without them (single-model methods, runs made before routing)."""
+    if "acc_ensemble" not in metrics:
+        return None
+    forwards = metrics.get("forwards_per_image") or {}
+    rule = metrics.get("class_il_rule", "ensemble")
+    parts = []
+    if "acc_routed" in metrics:
+        task_id = metrics.get("task_id_acc") or {}
+        k = task_id.get("k", "k")
+        parts.append(f"routed {_fmt_number(metrics['acc_routed'])} % ({forwards.get('routed', MISSING)} "
+                     f"forwards/image; task id top-1 {_fmt_number(task_id.get('top1'), 1)} %, "
+                     f"top-{k} {_fmt_number(task_id.get('top_k'), 1)} %)")
+    parts.append(f"ensemble {_fmt_number(metrics['acc_ensemble'])} % "
+                 f"({forwards.get('ensemble', MISSING)} forwards/image)")
+    return f"Class-IL Acc by rule (Acc above: {rule}): " + "; ".join(parts)
+
+
 def format_summary_table(metrics: Mapping[str, Any]) -> str:
-    """Plain-text summary of one run: the metrics table, then the accuracy matrix grid."""
+    """Plain-text summary of one run: the metrics table (with both Class-IL rules of a
+    sub-network method), then the accuracy matrix grid."""
     parts = [render_plain_table(SUMMARY_COLUMNS, [summary_row(metrics)])]
+    rules = format_class_il_rules(metrics)
+    if rules:
+        parts[0] += "\n" + rules
     matrix = metrics.get("accuracy_matrix")
     if matrix:
         parts.append(format_accuracy_grid(matrix))

@@ -3,6 +3,8 @@
 Tag layout (what users filter on in TensorBoard):
 - `train/task_{TTT}/{phase}/loss`, `train/task_{TTT}/{phase}/lr`  step = global optimiser step
 - `eval/acc_task_{j}`, `eval/acc`, `eval/aaa`                     step = task id just finished
+- `eval/{routed,ensemble}/acc_task_{j}`, `eval/{rule}/acc`         sub-network methods: both
+                                                                   Class-IL rules (step = task id)
 - `ranks/{layer}`, `ranks/total`                                   step = task id
 - `hparam/{metric}` plus the HParams plugin record                 written once at the end
 Task ids in train tags are zero-padded to three digits (`task_003`) so they sort in the UI.
@@ -81,6 +83,18 @@ class TensorBoardLogger:
             self._writer.add_scalar("eval/aaa", float(aaa), step)
             if task_il_acc is not None:
                 self._writer.add_scalar("eval/task_il_acc", float(task_il_acc), step)
+            self._writer.flush()
+
+    def log_rule_row(self, rule: str, task_id: int, row: Sequence[float], acc: float) -> None:
+        """A sub-network method's accuracy row under one Class-IL rule (`routed`, `ensemble`):
+        `eval/{rule}/acc_task_{j}` and `eval/{rule}/acc` at step `task_id`, so both rules'
+        curves lie side by side whichever one `eval/acc` reports."""
+        step = int(task_id)
+        with self._lock:
+            self._check_open()
+            for j, accuracy in enumerate(row):
+                self._writer.add_scalar(f"eval/{rule}/acc_task_{j}", float(accuracy), step)
+            self._writer.add_scalar(f"eval/{rule}/acc", float(acc), step)
             self._writer.flush()
 
     def log_ranks(self, task_id: int, ranks: Mapping[str, int]) -> None:

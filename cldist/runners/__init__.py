@@ -26,6 +26,12 @@ class Runner(Protocol):
 
     def test_labels(self, j: int): ...
 
+    def reference_features(self, tests: Sequence[int]) -> dict:
+        """{test set: router features (n, d) of its images through the reference network}."""
+
+    def task_statistics(self, tasks: Sequence[int]) -> dict:
+        """{task: its reference-network ClassStatistics} (saved with the task, else collected)."""
+
     def close(self) -> None: ...
 
 

@@ -61,5 +61,11 @@ class InlineRunner:
     def test_labels(self, j: int):
         return self.scorer.test_labels(j)
 
+    def reference_features(self, tests: Sequence[int]) -> dict:
+        return self.scorer.reference_features(tests)
+
+    def task_statistics(self, tasks: Sequence[int]) -> dict:
+        return self.scorer.task_statistics(tasks)
+
     def close(self) -> None:
         self._scorer = None
