@@ -14,8 +14,12 @@ Lifecycle for task t (either runner):
 Prediction (Class-IL, no task id):
     prediction == "subnetworks": for each task i, method.activate_subnetwork(model, i) gives the
         logits of task i's classes; the evaluator concatenates them over i and takes argmax.
-    prediction == "single": method.activate_model(model, t) gives one model over all classes
-        seen up to t.
+    prediction == "single": method.activate_model(model, t), after loading the tasks
+        method.prediction_dependencies(t), gives one model over all classes seen up to t.
+Class statistics: for a method with `class_statistics`, the task job follows `learn_task`
+with one no-grad pass over the task's training split (test-time transform) and saves the
+class statistics it gathers as tasks/TTT/stats.safetensors beside the method's own files
+(cldist.train.statistics); `load_task_state` then receives them under the "stats" stem.
 """
 from __future__ import annotations
 
@@ -87,6 +91,9 @@ class ContinualMethod:
     name: ClassVar[str] = ""
     prediction: ClassVar[str] = "single"  # "single" | "subnetworks"
     graph: ClassVar[str] = "chain"  # "chain" | "independent" (after an optional reference task)
+    # the task job saves class statistics with every task (the routed Class-IL decision of
+    # sub-network methods, and slda's whole model); every "subnetworks" method needs them
+    class_statistics: ClassVar[bool] = False
 
     def __init__(self, cfg: dict, target_patterns: Sequence[str], is_cnn: bool):
         self.cfg = dict(cfg)
@@ -107,6 +114,10 @@ class ContinualMethod:
     def state_dependencies(self, task_id: int) -> list[int]:
         """Tasks whose saved state must be loaded into the model before learning `task_id`."""
         return self.task_graph(task_id + 1)[task_id]
+
+    def prediction_dependencies(self, upto_task: int) -> list[int]:
+        """Tasks whose saved state a single model after `upto_task` is built from."""
+        return self.state_dependencies(upto_task) + [upto_task]
 
     # -- model -----------------------------------------------------------------------------
     def build(self, backbone: nn.Module, feature_dim: int,

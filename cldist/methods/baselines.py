@@ -199,6 +199,7 @@ class LinearProbe(ContinualMethod):
     name = "linear_probe"
     prediction = "subnetworks"
     graph = "independent"
+    class_statistics = True  # the router of the routed Class-IL decision
 
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:

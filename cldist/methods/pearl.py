@@ -34,6 +34,7 @@ class Pearl(ContinualMethod):
     name = "pearl"
     prediction = "subnetworks"
     graph = "independent"
+    class_statistics = True  # the router of the routed Class-IL decision
 
     # -- scheduling ------------------------------------------------------------------------
     @property

@@ -35,6 +35,8 @@ from ..coordinator.store import (load_reference, load_run_manifest, load_task_te
                                  write_task_dir)
 from . import loop
 from .engine import TorchStepEngine
+from .statistics import (STATS_STEM, collect_task_statistics, router_projection,
+                         statistics_tensors)
 
 
 @dataclass
@@ -216,8 +218,17 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                       allocate_ranks=timed_allocate_ranks, train_batches=batches,
                       generator=task_generator(cfg.seed, t), device=device,
                       seen_train_batches=seen_batches,
-                      reduce_mean=reduce_mean or (lambda x: x), steps_per_epoch=steps)
+                      reduce_mean=reduce_mean or distributed_mean(world_size, device),
+                      steps_per_epoch=steps)
     meta = method.learn_task(model, ctx)
+    stats_tensors = None
+    if method.class_statistics:
+        begin = time.perf_counter()
+        stats = task_statistics(cfg, manifest, method, model, t, device, rank, world_size,
+                                ctx.reduce_mean)
+        stats_tensors = statistics_tensors(stats)
+        meta["statistics_seconds"] = time.perf_counter() - begin
+        meta["statistics_dims"] = {group: s.dim for group, s in stats.items()}
     model.to("cpu")
     meta.update({"task_id": t, "classes": list(manifest.tasks[t].classes),
                  "params_added": method.params_added(model, t),
@@ -229,10 +240,56 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
         root = Path(staging_root) if staging_root else Path(job.run_dir) / "tasks"
         staging = root / f".staging-{t:03d}-{uuid.uuid4().hex[:8]}"
         # a method that trains its own reference does so on task 0 (PEARL without pre-training)
-        write_task_dir(staging, method.task_state(model, t), json_safe(meta),
+        tensors = method.task_state(model, t)
+        if stats_tensors is not None:  # committed with the task, in the same staged directory
+            tensors = {**tensors, STATS_STEM: stats_tensors}
+        write_task_dir(staging, tensors, json_safe(meta),
                        reference=method.reference_state(model) if t == 0 else None)
         meta["staging_dir"] = str(staging)
     return meta
+
+
+def distributed_mean(world_size: int, device: torch.device) -> Callable:
+    """The mean of a tensor over the job's data-parallel ranks: an all-reduce over the
+    torch.distributed group the job's workers share (Ray Train's), the identity with one rank.
+    Statistics passes (InfLoRA's Gram matrices, the class statistics) use it to see the whole
+    task, not this rank's share."""
+    import torch.distributed as dist
+
+    if world_size == 1:
+        return lambda x: x
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"a task job of {world_size} ranks has no torch.distributed group to "
+                           f"reduce statistics over; the runner must pass reduce_mean")
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        # NCCL reduces device tensors only; gloo reduces float64 on the host as it is
+        on = x.to(device) if dist.get_backend() == "nccl" else x.clone()
+        dist.all_reduce(on)
+        return (on / world_size).to(x.device)
+
+    return mean
+
+
+def task_statistics(cfg: RunConfig, manifest: Manifest, method: ContinualMethod, model,
+                    task_id: int, device: torch.device, rank: int, world_size: int,
+                    reduce_mean: Callable) -> dict:
+    """The finished task's class statistics (cldist.train.statistics) over its whole training
+    split: every rank passes its share once, in stream order, with the test-time transform
+    (the router scores test images), no shuffling, no augmentation. It runs after learning,
+    and the projection comes from its own seeded generator: nothing training draws changes
+    (a packed job's next task reseeds in build_model anyway)."""
+    _, test_tf = transforms(cfg, manifest)
+    classes = [manifest.stream_label(c) for c in manifest.tasks[task_id].classes]
+    projection = router_projection(cfg.router.projection_dim, model.feature_dim, cfg.seed)
+
+    def batches():
+        return task_batches(manifest, task_id, "train", cfg.trainer.eval_batch_size, test_tf,
+                            shuffle=False, rank=rank, world_size=world_size)
+
+    return collect_task_statistics(model, method, task_id, classes, batches, device,
+                                   projection=projection, reduce_mean=reduce_mean,
+                                   world_size=world_size)
 
 
 def lr_key(cfg: RunConfig, lr: float) -> str | None:
