@@ -4,7 +4,8 @@ Everything runs in-process on timm's tiny `test_vit` (16 px, 6 blocks, width 64)
 random tensors: a task context whose `fit` is the real `cldist.train.loop.fit` driven by an
 AdamW engine that also checks, at every step, that exactly the requested parameters get
 gradients. Tasks run like the task jobs do: a fresh model per task, the reference and the
-earlier tasks' saved state (through safetensors bytes) loaded into it, then `learn_task`.
+earlier tasks' saved state (through safetensors bytes) loaded into it, then `learn_task`, then
+(methods with `class_statistics`) the statistics pass, saved with the task's state.
 """
 from __future__ import annotations
 
@@ -34,9 +35,15 @@ from cldist.models.inject import split_fused_qkv
 from cldist.models.lora import LoRAConv2d
 from cldist.train import loop
 from cldist.train.engine import TorchStepEngine
+from cldist.coordinator.statistics import ClassStatistics
+from cldist.eval.routing import LinearDiscriminant, router_features
+from cldist.train.statistics import (STATS_STEM, collect_task_statistics, router_projection,
+                                     statistics_tensors)
 from cldist.coordinator.run_coordinator import allocate_ranks_locally
 
 ROOT = Path(__file__).resolve().parents[1]
+# methods that train nothing: their model is made of the saved statistics of every seen task
+TRAINING_FREE = {"slda"}
 N_TASKS, CLASSES, PER_CLASS, BATCH, SIZE = 3, 2, 8, 8, 16
 CPU = torch.device("cpu")
 
@@ -194,9 +201,13 @@ def predict(method, model, t: int, x=EVAL_X) -> torch.Tensor:
 def load_into_fresh(run, t: int):
     method = run["method"]
     model = fresh_model(method, run["reference"])
-    for s in method.state_dependencies(t) + [t]:
+    for s in method.prediction_dependencies(t):
         method.load_task_state(model, s, roundtrip(run["states"][s]))
     return model
+
+
+def task_classes(t: int) -> list[int]:
+    return [t * CLASSES + c for c in range(CLASSES)]
 
 
 def train_stream(method, train=TRAIN):
@@ -213,11 +224,20 @@ def train_stream(method, train=TRAIN):
         if t == 0:
             ref = method.reference_state(model)
             run["reference"] = None if ref is None else {k: v.clone() for k, v in ref.items()}
-        run["states"].append(roundtrip(method.task_state(model, t)))
+        state = method.task_state(model, t)
+        if method.class_statistics:  # as the task job does after learning
+            projection = router_projection(int(method.cfg["router"]["projection_dim"]),
+                                           model.feature_dim, int(method.cfg["seed"]))
+            stats = collect_task_statistics(model, method, t, task_classes(t),
+                                            lambda: ctx.train_batches(0), CPU, projection)
+            state = {**state, STATS_STEM: statistics_tensors(stats)}
+        run["states"].append(roundtrip(state))
         run["models"].append(model)
         run["metas"].append(meta)
         run["requests"].append(log)
-        run["logits"].append(predict(method, model, t))
+        # a training-free method's model is the saved statistics: it predicts once loaded
+        run["logits"].append(predict(method, load_into_fresh(run, t), t)
+                             if method.name in TRAINING_FREE else predict(method, model, t))
     return run
 
 
@@ -248,14 +268,18 @@ def test_method_contract(name, overrides):
     method = run["method"]
     assert method.graph in ("chain", "independent")
     assert method.prediction in ("single", "subnetworks")
+    assert method.class_statistics or method.prediction != "subnetworks", \
+        "a sub-network method needs class statistics (the routed Class-IL decision)"
     for t in range(N_TASKS):
-        assert run["requests"][t], f"task {t} trained nothing"
+        trains = name not in TRAINING_FREE
+        assert bool(run["requests"][t]) == trains, f"task {t}: {len(run['requests'][t])} fits"
         reloaded = predict(method, load_into_fresh(run, t), t)
         assert torch.equal(run["logits"][t], reloaded), f"task {t}: reload changed predictions"
         if method.prediction == "single":
             assert run["logits"][t].shape == (len(EVAL_X), CLASSES * (t + 1))
+        assert (STATS_STEM in run["states"][t]) == method.class_statistics
         added = method.params_added(run["models"][t], t)
-        assert isinstance(added, int) and added > 0
+        assert isinstance(added, int) and (added > 0) == trains
 
 
 def test_every_registered_method_has_a_config():
@@ -580,10 +604,52 @@ def test_linear_probe_never_changes_the_backbone():
     run = train_stream(method)
     for t in range(N_TASKS):
         assert method.state_dependencies(t) == []
-        assert set(run["states"][t]) == {"head"}
+        assert set(run["states"][t]) == {"head", STATS_STEM}
     final = run["models"][-1].backbone.state_dict()
     assert set(final) == set(initial)
     assert all(torch.equal(final[k], initial[k]) for k in initial)
+
+
+# -- slda ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("projection_dim", [0, 48])
+def test_slda_is_the_discriminant_of_the_seen_tasks_pooled_statistics(projection_dim):
+    """After task t, slda scores every image as the linear discriminant fitted on all training
+    images of tasks 0..t pooled (through the run's projection when there is one); the order its
+    tasks' statistics are loaded in changes nothing; nothing trains."""
+    cfg = method_config("slda")
+    opts = {**method_options(cfg), "router": {"shrinkage": 0.1, "projection_dim": projection_dim}}
+    method = METHODS["slda"](opts, resolve_targets(cfg), is_cnn=False)
+    run = train_stream(method)
+    assert all(m["fits"] == [] for m in run["metas"])
+    model = fresh_model(method).eval()
+    projection = router_projection(projection_dim, model.feature_dim, cfg.seed)
+    with torch.no_grad():
+        def feats(x):
+            return router_features(model.features(x), projection)
+        eval_feats = feats(EVAL_X)
+        for t in range(N_TASKS):
+            x = torch.cat([TRAIN[s][0] for s in range(t + 1)])
+            y = torch.cat([TRAIN[s][1] for s in range(t + 1)])
+            pooled = ClassStatistics.from_features(feats(x), y, range(CLASSES * (t + 1)))
+            lda = LinearDiscriminant.fit(pooled, 0.1)
+            logits = run["logits"][t]
+            assert torch.allclose(logits.double(), lda.scores(eval_feats), rtol=1e-5, atol=1e-4)
+            assert torch.equal(logits.argmax(1), lda.predict(eval_feats))
+            backwards = fresh_model(method)
+            for s in reversed(method.prediction_dependencies(t)):
+                method.load_task_state(backwards, s, run["states"][s])
+            assert torch.equal(predict(method, backwards, t), logits)
+
+
+def test_slda_refuses_a_model_without_the_statistics_it_is_made_of():
+    run = stream("slda")
+    method = run["method"]
+    model = fresh_model(method)
+    method.load_task_state(model, 1, run["states"][1])
+    with pytest.raises(ValueError, match=r"tasks \[0\] are not loaded"):
+        method.activate_model(model, 1)
+    with pytest.raises(ValueError, match="no stats.safetensors"):
+        method.load_task_state(model, 0, {})
 
 
 # -- CNN backbones ----------------------------------------------------------------------------

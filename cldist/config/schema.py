@@ -366,6 +366,10 @@ def method_options(cfg: RunConfig) -> dict:
     """The method's options as a plain dict, with run-level overrides applied."""
     opts = asdict(cfg.method)
     opts["epochs"] = cfg.main_epochs
+    # the statistics classifier (slda) is the router's: it takes the router's settings, and the
+    # run's seed draws the random projection
+    opts["router"] = asdict(cfg.router)
+    opts["seed"] = cfg.seed
     if opts["reference"] == "auto":
         opts["reference"] = "pretrained" if has_pretrained_weights(cfg) else "first_task"
     return opts

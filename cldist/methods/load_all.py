@@ -1,2 +1,2 @@
 """Importing this module registers every built-in method."""
-from . import baselines, codyra, inflora, pearl, sdlora  # noqa: F401
+from . import baselines, codyra, inflora, pearl, sdlora, slda  # noqa: F401
