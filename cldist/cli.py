@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 # Where and how the rest of a run executes may change on resume; what it computes may not.
 RESUME_OVERRIDABLE = ("cluster.", "trainer.max_concurrent_tasks", "trainer.max_failures",
@@ -199,37 +199,51 @@ def cmd_run(overrides: list[str]) -> int:
 
 
 def _read_run_config(run_dir: str) -> tuple[Path, dict]:
-    """RUN/config.json as a dict; a UserError naming the problem when it cannot be read."""
-    root = Path(run_dir)
-    path = root / "config.json"
-    if not root.is_dir():
-        what = "it is a file" if root.exists() else "it does not exist"
-        raise UserError(f"{run_dir} is not a cldist run directory ({what}); give the directory "
-                        f"a `cldist run` wrote")
+    """RUN/config.json as a dict; a UserError naming the problem when it cannot be read, the
+    directory is not a cldist run (cldist.rundir), or the config does not fit the run."""
+    from .rundir import read_json, require_run_dir
+    state = require_run_dir(run_dir)
+    path = Path(run_dir) / "config.json"
     try:
-        text = path.read_text()
+        data = read_json(path)
     except FileNotFoundError:
         raise UserError(f"{run_dir} is not a cldist run directory (no config.json); give the "
                         f"directory a `cldist run` wrote") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror or e}); check the run directory's "
-                        f"permissions") from None
-    try:
-        return path, json.loads(text)
-    except ValueError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); the run directory is damaged: restore "
-                        f"the file from a backup or start a new run") from None
+    where = _interpolation(data)
+    if where:
+        # a stored config holds resolved values; `${...}` would be resolved (environment
+        # variables, resolvers) by whoever reads the run next
+        raise UserError(f"{path}: {where[0]} holds the interpolation {where[1]!r}; a run's "
+                        f"stored config holds plain values only - restore the value `cldist run` "
+                        f"wrote")
+    for key in ("method", "backbone"):  # what trained the tasks (state.json, since format 1)
+        was, section = state.get(key), data.get(key)
+        now = section.get("name") if isinstance(section, dict) else None
+        if was is not None and now != was:
+            raise UserError(f"{path}: {key}.name is {now!r}, but this run's tasks were trained "
+                            f"with {key}={was} (state.json); restore {key}.name, or start a "
+                            f"new run for another {key}")
+    return path, data
+
+
+def _interpolation(node, key: str = "") -> tuple[str, str] | None:
+    """The first (dotted key, value) in `node` holding an OmegaConf interpolation."""
+    stack = [(key, node)]
+    while stack:
+        key, node = stack.pop()
+        if isinstance(node, str) and "${" in node:
+            return key or "(top level)", node
+        if isinstance(node, dict):
+            stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((f"{key}[{i}]", v) for i, v in enumerate(node))
+    return None
 
 
 def _apply_overrides(data: dict, overrides: list[str], allow_lr: bool) -> dict[str, object]:
     """Set each KEY=VALUE in `data` (in place); returns the learning rates set, old values."""
     from .config.compose import did_you_mean
-    bad = [o for o in overrides if not _resume_may_change(o.split("=", 1)[0], allow_lr)]
-    if bad:
-        raise UserError(f"resume keeps the run's own config; {bad} would change it. Only "
-                        f"{', '.join(RESUME_OVERRIDABLE)} may be overridden on resume (and "
-                        f"{', '.join(RESUME_LR_KEYS)} with {LR_FLAG}) - start a new run for "
-                        f"other changes")
+    _refuse_resume_overrides(overrides, allow_lr)
     persisted = {}
     for o in overrides:
         key, sep, value = o.partition("=")
@@ -247,7 +261,24 @@ def _apply_overrides(data: dict, overrides: list[str], allow_lr: bool) -> dict[s
     return persisted
 
 
+def _refuse_resume_overrides(overrides: list[str], allow_lr: bool) -> None:
+    bad = [o for o in overrides if not _resume_may_change(o.split("=", 1)[0], allow_lr)]
+    if bad:
+        raise UserError(f"resume keeps the run's own config; {bad} would change it. Only "
+                        f"{', '.join(RESUME_OVERRIDABLE)} may be overridden on resume (and "
+                        f"{', '.join(RESUME_LR_KEYS)} with {LR_FLAG}) - start a new run for "
+                        f"other changes")
+
+
 def cmd_resume(run_dir: str, overrides: list[str], allow_lr: bool = False) -> int:
+    from .rundir import require_run_dir, run_dir_lock
+    _refuse_resume_overrides(overrides, allow_lr)  # the arguments first: nothing read yet
+    require_run_dir(run_dir)  # a foreign directory gets no lock file
+    with run_dir_lock(run_dir):  # a second writer is refused until this run ends
+        return _resume_locked(run_dir, overrides, allow_lr)
+
+
+def _resume_locked(run_dir: str, overrides: list[str], allow_lr: bool) -> int:
     from .atomic import write_json_atomic, write_text_atomic
     from .config.compose import config_from_dict, to_yaml
     from .coordinator.store import RunState, load_run_manifest
@@ -321,8 +352,18 @@ def cmd_eval(run_dir: str, class_il: str | None = None, top_k: int | None = None
 
 def cmd_report(run_dirs: list[str], out: str | None, tensorboard: bool = True) -> int:
     from .report.report import html_path, write_comparison, write_report
+    from .rundir import require_run_dir, run_dir_lock
     if len(run_dirs) == 1:
-        markdown = write_report(run_dirs[0], tensorboard=tensorboard)
+        try:
+            require_run_dir(run_dirs[0])
+            ours = True
+        except UserError:  # a hand-made metrics.json: nothing of cldist's to lock
+            ours = False
+        if ours:
+            with run_dir_lock(run_dirs[0]):  # not while a run or resume writes into it
+                markdown = write_report(run_dirs[0], tensorboard=tensorboard)
+        else:
+            markdown = write_report(run_dirs[0], tensorboard=tensorboard)
     else:
         target = Path(out) if out else Path(run_dirs[0]).parent / "comparison.md"
         if target.suffix.lower() == ".html":  # the .md would be overwritten by its twin
@@ -389,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "data":
             return cmd_data(args)
-    except UserError as e:
+    except (UserError, Interrupted) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     return 2

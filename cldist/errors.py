@@ -46,3 +46,25 @@ class ConfigError(UserError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT stopped a run (a BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way swallows it). The CLI exits with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        import signal
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(signal.Signals(signum).name)
+
+    stopped_run: str | None = None
+    finished_tasks: list[int] | None = None
+
+    def __str__(self) -> str:
+        text = f"stopped by {self.args[0]}"
+        if self.stopped_run is None:
+            return text
+        done = "" if self.finished_tasks is None else f" (finished tasks: {self.finished_tasks})"
+        return (f"{text}; the run {self.stopped_run} is recorded as interrupted{done}, and "
+                f"`cldist resume {self.stopped_run}` continues it")

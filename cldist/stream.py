@@ -8,6 +8,7 @@ CPU-sized example (seconds): `cldist run scenario=digits_5t backbone=test_vit ru
 """
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from datetime import datetime
@@ -16,9 +17,11 @@ from pathlib import Path
 from .config.compose import to_yaml
 from .config.schema import RunConfig
 from .atomic import write_json_atomic, write_text_atomic
-from .coordinator.store import load_run_manifest, prepare_resume, save_run_manifest
+from .coordinator.store import RunState, load_run_manifest, prepare_resume, save_run_manifest
 from .data.manifest import Manifest
-from .errors import UserError
+from .errors import Interrupted, UserError
+from .rundir import (STATE_FILE, acquire_lock, foreign_entries, release_lock,
+                     require_run_dir)
 from .eval.metrics import accuracy_after, summarize
 from .eval.scoring import (fit_router, routed_row_from_blocks, row_from_blocks,
                            task_il_from_blocks)
@@ -97,37 +100,59 @@ def preflight(cfg: RunConfig, manifest: Manifest) -> None:
         raise UserError(f"method.targets={cfg.method.targets}: {e}") from None
 
 
+def _refuse_non_empty(run_dir: Path) -> None:
+    """A run starts only in a new or empty directory: anything else is a run (resume it) or
+    someone else's files, which cldist must never fill with tasks/ nor overwrite."""
+    foreign = foreign_entries(run_dir)
+    if not foreign:
+        return
+    if STATE_FILE in foreign:
+        try:
+            require_run_dir(run_dir)
+            ours = True
+        except UserError:
+            ours = False
+        if ours:
+            raise UserError(f"{run_dir} already holds a run; `cldist resume {run_dir}` "
+                            f"continues it, or choose another run_dir=")
+    raise UserError(f"run_dir={run_dir} is not empty and holds no cldist run "
+                    f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
+                    f"cldist writes only into a new or empty directory - choose another "
+                    f"run_dir=")
+
+
 def prepare_run_dir(cfg: RunConfig, manifest: Manifest) -> Path:
+    """Create the run directory, take its lock and write its files, marker first.
+
+    The lock stays held by this process (cldist.rundir; run_stream releases it when the run
+    ends); state.json - the marker that makes the directory cldist's - is written before any
+    other file, so a directory holding cldist's files always says it is cldist's.
+    """
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run_dir={run_dir} is not a directory; choose another run_dir=")
-    if (run_dir / "state.json").exists():
-        raise UserError(f"{run_dir} already holds a run; `cldist resume {run_dir}` continues it, "
-                        f"or choose another run_dir=")
-    # a directory of someone else's files is not ours to fill with tasks/, tb/ and reports
-    # (one with only config files is a run that stopped before its first state write)
-    try:
-        foreign = sorted(p.name for p in run_dir.iterdir()
-                         if p.name not in ("config.yaml", "config.json", "manifest.json",
-                                           "seeds.json")) \
-            if run_dir.is_dir() else []
-    except OSError as e:
-        raise UserError(f"cannot read run_dir={run_dir} ({e.strerror or e}); choose another "
-                        f"run_dir=") from None
-    if foreign:
-        raise UserError(f"run_dir={run_dir} is not empty and holds no cldist run "
-                        f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
-                        f"choose a new or empty directory")
+    if run_dir.is_dir():
+        _refuse_non_empty(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create run_dir={run_dir} ({e.strerror or e}); choose another "
                         f"run_dir=") from None
-    cfg.run_dir = str(run_dir)
-    write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))  # a full disk: a message, not a trace
-    write_json_atomic(run_dir / "config.json", cfg.to_dict())
-    write_json_atomic(run_dir / "seeds.json", seed_record(cfg, manifest))
-    save_run_manifest(run_dir, manifest)
+    acquire_lock(run_dir)
+    try:
+        _refuse_non_empty(run_dir)  # again under the lock: another `cldist run` may have won
+        cfg.run_dir = str(run_dir)
+        state = RunState(run_dir)
+        state.data.update(method=cfg.method.name, backbone=cfg.backbone.name)
+        state.data["status"] = "starting"
+        state.save()
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))  # a full disk: a message
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        write_json_atomic(run_dir / "seeds.json", seed_record(cfg, manifest))
+        save_run_manifest(run_dir, manifest)
+    except BaseException:
+        release_lock(run_dir)
+        raise
     return run_dir
 
 
@@ -311,15 +336,72 @@ def task_il_metrics(task_il_rows: list[list[float]], n_test: list[int]) -> dict:
             "task_il_accuracy_matrix": task_il_rows}
 
 
+class _Signals:
+    """While a run trains, SIGTERM and SIGINT raise Interrupted in the main thread: the driver
+    then records "interrupted" in state.json, stops its runner and exits non-zero, leaving the
+    run resumable. Repeats during that cleanup are ignored, so it finishes. Ray's own driver
+    handler (sys.exit on SIGTERM, installed by ray.init) is replaced while the run lasts."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.previous: dict = {}
+        self.fired = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may handle signals; an embedding caller's business
+        for s in self.SIGNALS:
+            old = signal.signal(s, self._handle)
+            self.previous.setdefault(s, old)
+
+    def restore(self) -> None:
+        for s, old in self.previous.items():
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
+        self.previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.fired:
+            return
+        self.fired = True
+        raise Interrupted(signum)
+
+
 def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
-    """Train and evaluate the stream `cfg` describes; returns metrics.json's content."""
+    """Train and evaluate the stream `cfg` describes; returns metrics.json's content.
+
+    The run directory's lock is held until it returns (cldist.rundir); SIGTERM/SIGINT stop the
+    run at once, recorded as "interrupted" in state.json, and raise Interrupted."""
+    signals = _Signals()
+    signals.install()
+    try:
+        if resume_dir is None:
+            manifest = ensure_scenario(cfg)
+            preflight(cfg, manifest)
+            run_dir = prepare_run_dir(cfg, manifest)  # takes the lock
+        else:
+            run_dir = Path(resume_dir)
+            acquire_lock(run_dir)  # re-entrant: `cldist resume` holds it already
+        try:
+            return _run_locked(cfg, run_dir, resume_dir is not None, signals)
+        except Interrupted as e:
+            e.stopped_run = e.stopped_run or str(run_dir)
+            try:  # stopped before the runner existed, or it could not record it
+                state = RunState(run_dir)
+                if state.data.get("status") != "interrupted":
+                    state.set("status", "interrupted")
+            except Exception:  # noqa: BLE001 - the interruption is the news
+                pass
+            raise
+        finally:
+            release_lock(run_dir)
+    finally:
+        signals.restore()
+
+
+def _run_locked(cfg: RunConfig, run_dir: Path, resuming: bool, signals: _Signals) -> dict:
     wall_start = time.perf_counter()
-    if resume_dir is None:
-        manifest = ensure_scenario(cfg)
-        preflight(cfg, manifest)
-        run_dir = prepare_run_dir(cfg, manifest)
-    else:
-        run_dir = Path(resume_dir)
+    resume_dir = run_dir if resuming else None
     manifest = load_run_manifest(run_dir)
     n = manifest.n_tasks
     method = make_method(cfg)
@@ -329,6 +411,7 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
             print(f"[resume] {note}", flush=True)
     progress = Progress(n)
     runner = make_runner(cfg, run_dir, progress)
+    signals.install()  # again: starting Ray replaced the SIGTERM handler with its own
     coordinator = runner.coordinator  # the one owner of state.json
     coordinator.set("status", "running")
     done_before = set(coordinator.snapshot()["completed_tasks"])
@@ -378,7 +461,7 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
         except Exception:  # noqa: BLE001 - e.g. the disk is still full: report what stopped us
             pass
         # the message ends with how to continue the run (unless it says so itself already)
-        if isinstance(e, UserError) and "cldist resume" not in str(e):
+        if isinstance(e, (UserError, Interrupted)) and "cldist resume" not in str(e):
             e.stopped_run = str(run_dir)
             try:
                 e.finished_tasks = sorted(coordinator.snapshot()["completed_tasks"])

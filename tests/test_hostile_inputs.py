@@ -470,6 +470,84 @@ def restore_shards(w: World):
     run_manifest.write_text(json.dumps(pinned, indent=2))
 
 
+# ------------------- setups: issue 22: run directory ownership, lock, damaged files
+def run_dir_foreign_config(w: World):
+    w.run_dir.mkdir()
+    (w.run_dir / "config.json").write_text('{"api_key": "x"}')  # someone's, not a run's
+    w.culprits += [str(w.run_dir), "config.json"]
+    return w.run()
+
+
+def run_dir_foreign_state(w: World):
+    w.run_dir.mkdir()
+    (w.run_dir / "state.json").write_text('{"api_key": "x"}')
+    w.culprits += [str(w.run_dir), "state.json"]
+    return w.run()
+
+
+def resume_foreign_state(w: World):
+    w.run_dir.mkdir()
+    for name in ("config.json", "state.json"):
+        (w.run_dir / name).write_text('{"api_key": "x"}')
+    w.culprits.append(str(w.run_dir / "state.json"))
+    return ["resume", str(w.run_dir)]
+
+
+def resume_while_locked(w: World):
+    """A second writer while the lock is held the way a running cldist holds it."""
+    import fcntl
+    run = w.copy_finished()
+    holder = open(run / "cldist.lock", "a+")  # closed, and so unlocked, with the World
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder.write(f"pid {os.getpid()} on testhost\n")
+    holder.flush()
+    w.lock_holder = holder
+    w.culprits += [str(run), f"pid {os.getpid()}"]
+    return ["subprocess", "resume", str(run), "--allow-lr-change", "method.lr=5e-2"]
+
+
+def _damaged_run_file(name: str, damage: Callable[[Path], None], command: str = "resume",
+                      culprits: tuple[str, ...] = ()):
+    def setup(w: World):
+        run = w.copy_finished()
+        damage(run / name)
+        w.culprits += [str(run / name), *culprits]
+        return [command, str(run)]
+    return setup
+
+
+def _edit_json(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def damage(path: Path):
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+    return damage
+
+
+def _nest(wrap: str) -> Callable[[Path], None]:
+    def damage(path: Path):
+        path.write_text(wrap.replace("DEEP", "[" * 100_000 + "]" * 100_000))
+    return damage
+
+
+def _reshape_head(path: Path):
+    """A valid safetensors file whose head bias has one class too many."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(path))
+    tensors["bias"] = torch.zeros(tensors["bias"].shape[0] + 1)
+    save_file(tensors, str(path))
+
+
+def task_0_deleted(w: World):
+    """Task 0 (PEARL's reference) gone while task 1, trained on top of it, is finished."""
+    run = w.copy_finished()
+    shutil.rmtree(run / "tasks" / "000")
+    w.culprits += [str(run / "state.json"), str(run / "tasks" / "000"),
+                   str(run / "tasks" / "001")]
+    return ["resume", str(run)]
+
+
 # -------------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Case:
@@ -570,6 +648,37 @@ CASES = [
     Case("disk-full-on-commit", disk_full_on_commit, ("No space left on device",
                                                       "cldist resume"),
          after=RESUMES, repair=disk_has_space_again),
+    # issue 22: run directory ownership, lock, damaged files - refused by name, never a trace
+    Case("run-dir-foreign-config", run_dir_foreign_config, ("holds no cldist run",),
+         after=UNTOUCHED),
+    Case("run-dir-foreign-state", run_dir_foreign_state, ("holds no cldist run",),
+         after=UNTOUCHED),
+    Case("resume-foreign-state", resume_foreign_state, ("not a cldist run",), after=UNTOUCHED),
+    Case("resume-while-locked", resume_while_locked, ("in use by another cldist process",),
+         after=UNTOUCHED),
+    Case("state-json-nested-deep", _damaged_run_file("state.json", _nest("DEEP")),
+         ("nested deeper than",), after=UNTOUCHED),
+    Case("run-manifest-nested-deep", _damaged_run_file("manifest.json", _nest('{"x": DEEP}')),
+         ("nested deeper than",), after=UNTOUCHED),
+    Case("run-manifest-shard-root-int",
+         _damaged_run_file("manifest.json", _edit_json(lambda d: d.update(shard_root=5))),
+         ("shard_root", "got 5"), after=UNTOUCHED),
+    Case("state-json-task-meta-not-object",
+         _damaged_run_file("state.json", _edit_json(lambda d: d["task_meta"].update({"0": "oops"}))),
+         ("task_meta['0']", "'oops'"), after=UNTOUCHED),
+    Case("config-json-method-changed",
+         _damaged_run_file("config.json",
+                           _edit_json(lambda d: d["method"].update(name="linear_probe"))),
+         ("method.name is 'linear_probe'", "method=pearl"), after=UNTOUCHED),
+    Case("config-json-interpolation",
+         _damaged_run_file("config.json", _edit_json(lambda d: d.update(seed="${oc.env:HOME}"))),
+         ("seed holds the interpolation", "${oc.env:HOME}"), after=UNTOUCHED),
+    Case("checkpoint-wrong-shape",
+         _damaged_run_file("tasks/001/head.safetensors", _reshape_head, command="eval",
+                           culprits=("'bias'",)),
+         ("does not fit the run's model", "cldist resume"), after=RESUMES, repair=delete_task_1),
+    Case("task-0-deleted-under-finished-task-1", task_0_deleted,
+         ("trained on top of them", "retrains tasks [0, 1]"), after=UNTOUCHED),
 ]
 
 
@@ -663,3 +772,55 @@ def test_hostile_input(case: Case, tmp_path, data2, finished_run, capsys, monkey
 
 def test_the_table_is_big_enough():
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
+
+# issue 22: run directory ownership, lock, damaged files - signals and older run directories
+def test_sigterm_records_interrupted_and_the_run_resumes(data2, tmp_path, capsys):
+    """SIGTERM once task 0 is committed: one message, exit 143, state.json says
+    "interrupted" at a task boundary, the lock is gone, and `cldist resume` finishes."""
+    import signal
+    import time
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # task 1 learns for 8 epochs: time enough to be stopped in the middle
+    driver = subprocess.Popen([str(CLDIST), "run", *tiny_overrides(data2, run_dir, "runner=inline",
+                                                                   "method.epochs=8")],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:
+            try:
+                if json.loads((run_dir / "state.json").read_text())["completed_tasks"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass  # not written yet
+            time.sleep(0.05)
+        assert driver.poll() is None, "the run ended before it could be stopped"
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert "SIGTERM" in err and f"cldist resume {run_dir}" in err, err
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "interrupted" and state["completed_tasks"] == [0]
+    assert main(["resume", str(run_dir)]) == 0
+    assert _check_task_boundary(run_dir) == [0, 1]
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "finished"
+
+
+def test_a_run_dir_from_before_the_marker_still_resumes(finished_run, tmp_path):
+    """Runs written before state.json carried format_version (and the lock file) are
+    cldist's by their state.json's keys: they resume, and gain the marker."""
+    run = Path(shutil.copytree(finished_run, tmp_path / "run"))
+    (run / "cldist.lock").unlink()
+    state = json.loads((run / "state.json").read_text())
+    for key in ("format_version", "method", "backbone"):
+        state.pop(key)
+    (run / "state.json").write_text(json.dumps(state))
+    assert main(["resume", str(run)]) == 0
+    state = json.loads((run / "state.json").read_text())
+    assert state["format_version"] == 1 and state["status"] == "finished"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -26,8 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import fsync_dir, write_json_atomic
 from ..errors import StorageError, UserError
+from ..rundir import DAMAGED, FORMAT_VERSION, STATE_FILE, read_json, state_marker_problem
 
-STATE_FILE = "state.json"
 REFERENCE_FILE = "reference.safetensors"
 
 
@@ -113,8 +114,8 @@ def clean_staging(run_dir) -> list[str]:
 
 
 def _retrain_hint(run_dir, task_id: int) -> str:
-    return (f"delete {task_dir(run_dir, task_id)} and `cldist resume {run_dir}`: it retrains "
-            f"task {task_id} and the finished tasks that depend on it")
+    return (f"delete {task_dir(run_dir, task_id)} and `cldist resume {run_dir}` retrains "
+            f"task {task_id} (it names any finished task trained on top of it, to delete too)")
 
 
 def load_task_tensors(run_dir, task_id: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -129,11 +130,10 @@ def load_task_tensors(run_dir, task_id: int) -> dict[str, dict[str, torch.Tensor
         if f.name.startswith("."):  # NFS silly-renames and editor droppings, never ours
             continue
         if f.name == "meta.json":
-            try:
-                expected = list(json.loads(f.read_text()).get("tensor_files", []))
-            except (OSError, ValueError, AttributeError) as e:
-                raise UserError(f"{f} is not a readable JSON object ({e}); "
-                                f"{_retrain_hint(run_dir, task_id)}") from None
+            expected = read_json(f, _retrain_hint(run_dir, task_id)).get("tensor_files", [])
+            if not isinstance(expected, list) or not all(isinstance(n, str) for n in expected):
+                raise UserError(f"{f}: tensor_files must be a list of file names; "
+                                f"{_retrain_hint(run_dir, task_id)}")
         elif f.suffix != ".safetensors" or not f.is_file():
             raise UserError(f"{f} is not a safetensors file; cldist writes only safetensors and "
                             f"meta.json into a task's directory and never unpickles a "
@@ -162,10 +162,68 @@ def load_reference(run_dir) -> dict[str, torch.Tensor] | None:
                         f"from it: {_retrain_hint(run_dir, 0)}") from None
 
 
+def load_task_into(method, model, run_dir, task_id: int) -> None:
+    """Load a finished task's files into `model` through `method`: the boundary where files
+    that do not fit the model (a tensor of another shape, a missing tensor, a config whose
+    method was changed) become one message naming the file and tensor."""
+    tensors = load_task_tensors(run_dir, task_id)
+    with _Loading(run_dir, task_id, tensors):
+        method.load_task_state(model, task_id, tensors)
+
+
+def load_reference_into(method, model, run_dir) -> None:
+    """Load RUN/reference.safetensors (when there) into `model`, like load_task_into."""
+    reference = load_reference(run_dir)
+    if reference is not None:
+        with _Loading(run_dir, None, {"reference": reference}):
+            method.load_reference_state(model, reference)
+
+
+class _Loading:
+    """Turns what load_state_dict and the methods raise on files that do not fit the model
+    into a UserError naming the file and the tensor."""
+
+    def __init__(self, run_dir, task_id: int | None, tensors: dict):
+        self.run_dir, self.task_id, self.tensors = Path(run_dir), task_id, tensors
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if kind is None or isinstance(error, UserError) or not issubclass(
+                kind, (RuntimeError, KeyError, ValueError, NotImplementedError)):
+            return False
+        task = self.task_id if self.task_id is not None else 0
+        where = (task_dir(self.run_dir, task) if self.task_id is not None
+                 else self.run_dir / REFERENCE_FILE)
+        if issubclass(kind, NotImplementedError):
+            raise UserError(f"{where}: the run's method cannot load these files - was "
+                            f"config.json's method.name changed after they were written? "
+                            f"Restore it, or start a new run") from None
+        text = " ".join(str(error).strip("'\"").split())
+        match = re.search(r"size mismatch for ([^:\s]+): copying a param with shape "
+                          r"torch\.Size\(\[([^\]]*)\]\)", text)
+        if match:
+            name = match.group(1)
+            shape = [int(x) for x in match.group(2).split(",") if x.strip()]
+            for stem, group in self.tensors.items():
+                for key, value in group.items():
+                    if (key == name or key.endswith("." + name)) and list(value.shape) == shape:
+                        culprit = where / f"{stem}.safetensors" if self.task_id is not None else where
+                        raise UserError(f"{culprit}: tensor {key!r} has shape {shape}, which does "
+                                        f"not fit the run's model ({match.group(0)}, ...); "
+                                        f"{_retrain_hint(self.run_dir, task)}") from None
+        raise UserError(f"{where}: the files do not fit the run's model ({text[:300]}); "
+                        f"{_retrain_hint(self.run_dir, task)}") from None
+
+
 def _state_problem(data) -> str | None:
     """What is wrong with state.json's content (None when it has the shape cldist writes)."""
     if not isinstance(data, dict):
         return "must be a JSON object"
+    marker = state_marker_problem(data)
+    if marker:
+        return f"is not a cldist run state ({marker})"
     done = data.get("completed_tasks", [])
     if not isinstance(done, list):
         return f"completed_tasks must be a list of task numbers, not {done!r}"
@@ -175,9 +233,23 @@ def _state_problem(data) -> str | None:
     for key in ("ranks", "params_per_task", "task_meta"):
         if not isinstance(data.get(key, {}), dict):
             return f"{key} must be a JSON object"
+    for key in ("ranks", "task_meta"):  # per task: an object (ranks per layer, the task's meta)
+        for t, value in data.get(key, {}).items():
+            if not isinstance(value, dict):
+                return f"{key}[{t!r}] must be a JSON object, not {value!r:.60}"
+    for t, value in data.get("params_per_task", {}).items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"params_per_task[{t!r}] must be a number, not {value!r:.60}"
     rows = data.get("accuracy_matrix", [])
-    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
-        return "accuracy_matrix must be a list of rows"
+    if not isinstance(rows, list) or not all(
+            isinstance(r, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                        for x in r) for r in rows):
+        return "accuracy_matrix must be a list of rows of numbers"
+    for key in ("status", "method", "backbone"):
+        if not isinstance(data.get(key, ""), str):
+            return f"{key} must be a string, not {data[key]!r:.60}"
+    if not isinstance(data.get("resume_overrides", []), list):
+        return "resume_overrides must be a list"
     return None
 
 
@@ -191,24 +263,20 @@ class RunState:
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / STATE_FILE
-        self.data = {"completed_tasks": [], "ranks": {}, "params_per_task": {},
-                     "accuracy_matrix": [], "task_meta": {}, "status": "running"}
-        damaged = "the run directory is damaged: restore the file from a backup or start a new run"
+        # format_version marks the directory as cldist's (cldist.rundir); a run made before
+        # the marker gets it with its next write
+        self.data = {"format_version": FORMAT_VERSION, "completed_tasks": [], "ranks": {},
+                     "params_per_task": {}, "accuracy_matrix": [], "task_meta": {},
+                     "status": "running"}
         try:
-            text = self.path.read_text()
+            loaded = read_json(self.path, expect=None)
         except FileNotFoundError:
             return
-        except OSError as e:
-            raise UserError(f"cannot read {self.path} ({e.strerror or e}); check the run "
-                            f"directory's permissions") from None
-        try:
-            loaded = json.loads(text)
-        except ValueError as e:
-            raise UserError(f"{self.path} is not valid JSON ({e}); {damaged}") from None
         problem = _state_problem(loaded)
         if problem:
-            raise UserError(f"{self.path}: {problem}; {damaged}")
+            raise UserError(f"{self.path}: {problem}; {DAMAGED}")
         self.data.update(loaded)
+        self.data["format_version"] = FORMAT_VERSION
 
     @property
     def completed(self) -> list[int]:
@@ -245,8 +313,11 @@ def prepare_resume(run_dir, deps: dict[int, list[int]], n_tasks: int) -> list[st
       - staging leftovers and task directories that state.json does not list (committed just
         before a crash or a full disk stopped the state write) are removed: retrained;
       - a task state.json lists but whose files are gone (a user deleted a damaged task, as
-        the error messages suggest) is retrained, and so is every finished task that depends
-        on it, since those were trained on top of the old files.
+        the error messages suggest) is retrained - unless a finished task that still has its
+        files depends on it: that task was trained on top of the old files, and retraining
+        under it would mix two runs, while deleting it would lose a finished task. That is
+        refused (UserError naming both), before anything is changed; the user restores the
+        files or deletes the dependents' directories too, and then all of them are retrained.
     Checks state.json first and changes nothing when it is damaged. Returns what was done.
     """
     run_dir = Path(run_dir)
@@ -257,6 +328,39 @@ def prepare_resume(run_dir, deps: dict[int, list[int]], n_tasks: int) -> list[st
         raise UserError(f"{state.path}: completed_tasks lists {unknown}, but the run has tasks "
                         f"0..{n_tasks - 1} only; the run directory is damaged: restore the file "
                         f"from a backup or start a new run")
+    missing = {t for t in done if not task_dir(run_dir, t).is_dir()}
+    made_reference = bool(state.data["task_meta"].get("0", {}).get("reference"))
+    if 0 in done and made_reference and not (run_dir / REFERENCE_FILE).is_file():
+        missing.add(0)
+    invalid = set(missing)
+    changed = True
+    while changed:  # every finished task that depends, directly or not, on a missing one
+        changed = False
+        for t in sorted(done - invalid):
+            if any(d in invalid for d in deps.get(t, [])):
+                invalid.add(t)
+                changed = True
+    dependents = sorted(invalid - missing)
+    if dependents:
+        gone = [f"{task_dir(run_dir, t)}" for t in sorted(missing)]
+        if 0 in missing and task_dir(run_dir, 0).is_dir():
+            gone[sorted(missing).index(0)] = str(run_dir / REFERENCE_FILE)
+        raise UserError(
+            f"{state.path} lists tasks {sorted(missing)} as finished, but their files are gone "
+            f"({', '.join(gone)}), and the finished tasks {dependents} were trained on top of "
+            f"them; restore those files from a backup, or delete "
+            f"{', '.join(str(task_dir(run_dir, t)) for t in dependents)} as well and "
+            f"`cldist resume {run_dir}` retrains tasks {sorted(invalid)}")
+    notes = _remove_uncommitted(run_dir, done)
+    if not invalid:
+        return notes
+    state._update(completed_tasks=sorted(done - invalid),
+                  accuracy_matrix=state.data["accuracy_matrix"][:min(invalid)])  # row r: 0..r
+    notes.append(f"tasks {sorted(missing)} have no files: retraining them")
+    return notes
+
+
+def _remove_uncommitted(run_dir: Path, done: set[int]) -> list[str]:
     notes = [f"removed unfinished task files: {name}" for name in clean_staging(run_dir)]
     tasks = run_dir / "tasks"
     if tasks.is_dir():
@@ -265,28 +369,6 @@ def prepare_resume(run_dir, deps: dict[int, list[int]], n_tasks: int) -> list[st
                 shutil.rmtree(d)
                 notes.append(f"task {int(d.name)} was committed but never recorded in "
                              f"state.json: retraining it")
-    missing = {t for t in done if not task_dir(run_dir, t).is_dir()}
-    made_reference = bool(state.data["task_meta"].get("0", {}).get("reference"))
-    if 0 in done and made_reference and not (run_dir / REFERENCE_FILE).is_file():
-        missing.add(0)
-    invalid = set(missing)
-    changed = True
-    while changed:  # every finished task that depends, directly or not, on an invalid one
-        changed = False
-        for t in sorted(done - invalid):
-            if any(d in invalid for d in deps.get(t, [])):
-                invalid.add(t)
-                changed = True
-    if not invalid:
-        return notes
-    for t in sorted(invalid - missing):
-        shutil.rmtree(task_dir(run_dir, t), ignore_errors=True)
-    first = min(invalid)
-    state._update(completed_tasks=sorted(done - invalid),
-                  accuracy_matrix=state.data["accuracy_matrix"][:first])  # row r needs 0..r
-    notes.append(f"tasks {sorted(missing)} have no files: retraining them"
-                 + (f" and the tasks that depend on them {sorted(invalid - missing)}"
-                    if invalid - missing else ""))
     return notes
 
 
@@ -305,10 +387,6 @@ def load_run_manifest(run_dir):
     path = Path(run_dir) / RUN_MANIFEST
     if not path.is_file():
         raise UserError(f"{path} is missing; {run_dir} is not a cldist run directory")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e}); the run directory is damaged: restore the "
-                        f"file from a backup or start a new run") from None
+    data = read_json(path, expect=None)  # size- and depth-capped (cldist.rundir)
     root = data.get("shard_root") if isinstance(data, dict) else None
     return Manifest.load(path, root=root)

@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 
 from ..config.schema import RunConfig
 from ..coordinator.statistics import ClassStatistics, merge_all
-from ..coordinator.store import load_run_manifest, load_task_tensors, task_dir
+from ..coordinator.store import load_run_manifest, load_task_into, task_dir
 from ..data.loader import load_task_tensors as load_test_tensors, task_batches
 from ..errors import UserError
 from ..models.continual import ContinualClassifier
@@ -189,7 +189,7 @@ class Scorer:
     def load_tasks(self, task_ids: Sequence[int]) -> None:
         for t in task_ids:
             if t not in self.loaded:
-                self.method.load_task_state(self.model, t, load_task_tensors(self.run_dir, t))
+                load_task_into(self.method, self.model, self.run_dir, t)  # names a misfit file
                 self.model.to(self.device).eval()
                 self.loaded.add(t)
 

@@ -113,10 +113,12 @@ def load_config(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _read_json(path: Path, remedy: str) -> dict[str, Any]:
+    """A JSON object from `path`, size- and depth-capped (cldist.rundir.read_json)."""
+    from ..rundir import read_json
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path} is not valid JSON ({error}); {remedy}") from error
+        return read_json(path, remedy)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {remedy}") from None
 
 
 # --------------------------------------------------------------------------- derived series

@@ -31,7 +31,7 @@ from ..methods.base import ContinualMethod, TaskContext, get_method_class
 from ..models.backbone import BackboneSpec, build_backbone, default_normalization
 from ..models.continual import ContinualClassifier
 from ..models.inject import split_fused_qkv
-from ..coordinator.store import (load_reference, load_run_manifest, load_task_tensors,
+from ..coordinator.store import (load_reference_into, load_run_manifest, load_task_into,
                                  write_task_dir)
 from . import loop
 from .engine import TorchStepEngine
@@ -73,9 +73,7 @@ def build_model(cfg: RunConfig, method: ContinualMethod, manifest: Manifest,
     classes = [len(t.classes) for t in manifest.tasks]
     model = method.build(backbone, int(backbone.num_features), classes)
     model.head_init = cfg.method.head_init
-    reference = load_reference(run_dir)
-    if reference is not None:
-        method.load_reference_state(model, reference)
+    load_reference_into(method, model, run_dir)
     return model
 
 
@@ -141,7 +139,7 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
     method = make_method(cfg)
     model = build_model(cfg, method, manifest, job.run_dir)
     for dep in method.state_dependencies(job.task_id):
-        method.load_task_state(model, dep, load_task_tensors(job.run_dir, dep))
+        load_task_into(method, model, job.run_dir, dep)
     model.to(device)
     setup_seconds = time.perf_counter() - start  # building the model, loading dependencies
     train_tf, _ = transforms(cfg, manifest)
