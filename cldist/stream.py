@@ -346,7 +346,7 @@ class _Signals:
 
     def __init__(self):
         self.previous: dict = {}
-        self.fired = False
+        self.interrupted: Interrupted | None = None
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -361,10 +361,10 @@ class _Signals:
         self.previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if self.fired:
+        if self.interrupted is not None:
             return
-        self.fired = True
-        raise Interrupted(signum)
+        self.interrupted = Interrupted(signum)
+        raise self.interrupted
 
 
 def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
@@ -454,7 +454,9 @@ def _run_locked(cfg: RunConfig, run_dir: Path, resuming: bool, signals: _Signals
 
         jobs = {t: TaskJob(str(run_dir), cfg.to_dict(), t) for t in range(n) if t not in done_before}
         runner.run_tasks(jobs, deps, on_done, started=progress.task_started)
-    except BaseException as e:
+    except BaseException as caught:
+        # a signal that landed inside Ray's C code surfaces as a SystemError around ours
+        e = signals.interrupted if signals.interrupted is not None else caught
         progress.close()  # end a terminal's live status line before the traceback
         try:
             coordinator.set("status", "interrupted")
@@ -468,7 +470,9 @@ def _run_locked(cfg: RunConfig, run_dir: Path, resuming: bool, signals: _Signals
             except Exception:  # noqa: BLE001 - the count is a nicety, the error is the news
                 pass
         runner.close()
-        raise
+        if e is caught:
+            raise
+        raise e from None
 
     if len(evaluator.rows) != n:
         raise RuntimeError(f"only {len(evaluator.rows)} of {n} accuracy rows were computed")
