@@ -143,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("dir")
     v.add_argument("--no-decode", action="store_true",
                    help="skip decoding every image (checksums, structure and labels only)")
+    v.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                   help="a host DIR (a URL) may be read from (as scenario.allowed_hosts); "
+                        "repeatable")
+    v.add_argument("--max-member-bytes", type=int, default=None, metavar="N",
+                   help="the largest tar member accepted (as scenario.max_member_bytes; "
+                        "default 64 MiB)")
     return p
 
 
@@ -399,7 +405,9 @@ def cmd_data(args) -> int:
               f"{sum(t.n_test for t in m.tasks)} test samples to {args.out}")
         return 0
     from .data.verify import verify_dataset
-    problems = verify_dataset(args.dir, decode_images=not args.no_decode)
+    problems = verify_dataset(args.dir, decode_images=not args.no_decode,
+                              allowed_hosts=args.allow_host,
+                              max_member_bytes=args.max_member_bytes)
     for p in problems:
         print(p, file=sys.stderr)
     print("ok" if not problems else f"{len(problems)} problem(s)")

@@ -38,11 +38,12 @@ def default_run_dir(cfg: RunConfig) -> Path:
 def ensure_scenario(cfg: RunConfig) -> Manifest:
     """The scenario's manifest: the given one, or the shards built (once) into data_dir."""
     sc = cfg.scenario
+    access = dict(allowed_hosts=sc.allowed_hosts, max_member_bytes=sc.max_member_bytes)
     if sc.manifest:
-        return Manifest.load(sc.manifest)
+        return Manifest.load(sc.manifest, **access)
     data_dir = Path(sc.data_dir)
     if (data_dir / "manifest.json").is_file():
-        m = Manifest.load(data_dir)
+        m = Manifest.load(data_dir, **access)
         if m.source != sc.source or m.n_tasks != sc.n_tasks:
             raise UserError(f"{data_dir} holds a {m.source} stream of {m.n_tasks} tasks, not the "
                             f"{sc.source} stream of {sc.n_tasks} that scenario={sc.name} asks for; "
@@ -79,7 +80,8 @@ def preflight(cfg: RunConfig, manifest: Manifest) -> None:
             url = manifest.shard_url(shard)
             verify_shard_checksum(url, shard.sha256)
             if url.startswith("file:") or ("://" not in url and not url.startswith("pipe:")):
-                for _ in iter_shard(url, task.classes, expected_count=shard.n_samples):
+                for _ in iter_shard(url, task.classes, expected_count=shard.n_samples,
+                                    max_member_bytes=cfg.scenario.max_member_bytes):
                     pass
     if cfg.runner == "inline" and cfg.trainer.use_gpu:
         import torch

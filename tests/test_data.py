@@ -128,7 +128,10 @@ def test_manifest_round_trips_through_json(digits_dir, tmp_path):
     assert copy == manifest
     assert manifest.shard_url(manifest.tasks[0].train[0]) == \
         os.path.join(manifest.root, "train", "task-000-000000.tar")
-    remote = Manifest.load(digits_dir, root="https://example.org/ds/")
+    with pytest.raises(DataError, match=r"scenario.allowed_hosts=\[example.org\]"):
+        Manifest.load(digits_dir, root="https://example.org/ds/")  # no host allowed by default
+    remote = Manifest.load(digits_dir, root="https://example.org/ds/",
+                           allowed_hosts=["example.org"])
     assert remote.shard_url(remote.tasks[0].test[0]) == \
         "https://example.org/ds/test/task-000-000000.tar"
     with pytest.raises(DataError, match="not in the manifest's class order"):

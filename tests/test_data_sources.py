@@ -506,7 +506,7 @@ def test_pickle_members_refused_unread(damaged, tmp_path, ext):
 def test_link_member_and_foreign_label_refused(damaged):
     directory, relpath, members = damaged
     _reseal(directory, relpath, members, links=("evil.jpg",))
-    with pytest.raises(DataError, match="'evil.jpg' is a link") as info:
+    with pytest.raises(DataError, match="'evil.jpg', a symbolic link") as info:
         load_task_tensors(Manifest.load(directory), 0, "train", make_transform(8, 3))
     assert relpath in str(info.value)
     manifest = Manifest.load(directory)
@@ -519,6 +519,9 @@ def test_link_member_and_foreign_label_refused(damaged):
 
 
 # ------------------------------------------------------------------ streaming
+LOOPBACK = ["127.0.0.1"]  # scenario.allowed_hosts for the test server
+
+
 class _Handler(SimpleHTTPRequestHandler):
     requests: list[str] = []
 
@@ -550,7 +553,7 @@ def serve(tmp_path):
 def test_http_streaming_matches_local_across_ranks(imagenet_r, serve, tmp_path):
     local = Manifest.load(imagenet_r)
     url = serve(imagenet_r)
-    remote = Manifest.load(url)  # the manifest itself comes over http
+    remote = Manifest.load(url, allowed_hosts=LOOPBACK)  # the manifest itself comes over http
     assert remote.to_dict() == local.to_dict()
     assert remote.shard_url(remote.tasks[0].train[0]).startswith(url + "/train/")
     for task in range(remote.n_tasks):
@@ -561,7 +564,7 @@ def test_http_streaming_matches_local_across_ranks(imagenet_r, serve, tmp_path):
             assert rank0 == _keys(local, task, split, rank=0, world_size=2, **kw)
             assert not set(rank0) & set(rank1)
             assert sorted(rank0 + rank1) == sorted(_keys(local, task, split))
-    assert verify_dataset(url) == []
+    assert verify_dataset(url, allowed_hosts=LOOPBACK) == []
     # With a cache directory every shard is fetched once, then read locally.
     cache = tmp_path / "cache"
     _Handler.requests.clear()
@@ -583,7 +586,7 @@ def test_http_bad_and_missing_shards_named(imagenet_r, serve, tmp_path):
     (directory / bad.path).write_bytes(bytes(raw))
     (directory / gone.path).unlink()
     url = serve(directory)
-    remote = Manifest.load(url)
+    remote = Manifest.load(url, allowed_hosts=LOOPBACK)
     for cache in (None, tmp_path / "cache"):
         with pytest.raises(DataError, match="fails its checksum") as info:
             load_task_tensors(remote, 0, "train", make_transform(8, 3), cache_dir=cache)
@@ -592,7 +595,7 @@ def test_http_bad_and_missing_shards_named(imagenet_r, serve, tmp_path):
     with pytest.raises(DataError, match="is missing") as info:
         load_task_tensors(remote, 1, "test", make_transform(8, 3))
     assert gone.path in str(info.value)
-    problems = verify_dataset(url)
+    problems = verify_dataset(url, allowed_hosts=LOOPBACK)
     assert any(p.startswith(bad.path) and "sha256 mismatch" in p for p in problems)
     assert any(p.startswith(gone.path) and "missing" in p for p in problems)
 
@@ -604,7 +607,7 @@ def test_shard_cache_env_is_filled_by_the_preflight_check(imagenet_r, serve, tmp
 
     cache = tmp_path / "env-cache"
     monkeypatch.setenv(SHARD_CACHE_ENV, str(cache))
-    remote = Manifest.load(serve(imagenet_r))
+    remote = Manifest.load(serve(imagenet_r), allowed_hosts=LOOPBACK)
     for shard in remote.tasks[2].test:  # what `cldist run`'s pre-flight does
         verify_shard_checksum(remote.shard_url(shard), shard.sha256)
         assert (cache / f"{shard.sha256}.tar").is_file()
@@ -620,7 +623,8 @@ def test_fsspec_memory_urls(domain_il):
     for task in manifest.tasks:
         for shard in task.train + task.test:
             fs.pipe(f"/cldist-test/{shard.path}", (domain_il / shard.path).read_bytes())
-    remote = Manifest.load(domain_il, root="memory://cldist-test")
+    remote = Manifest.load(domain_il, root="memory://cldist-test",
+                           allowed_hosts=["memory://cldist-test"])
     for task in range(remote.n_tasks):
         assert _keys(remote, task, "train", rank=1, world_size=2) == \
             _keys(manifest, task, "train", rank=1, world_size=2)

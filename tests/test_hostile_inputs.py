@@ -12,6 +12,8 @@ inline runner, so a whole run takes about two seconds on a CPU.
 from __future__ import annotations
 
 import errno
+import functools
+import gzip
 import hashlib
 import json
 import os
@@ -20,7 +22,9 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from dataclasses import dataclass, field
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
@@ -548,6 +552,145 @@ def task_0_deleted(w: World):
     return ["resume", str(run)]
 
 
+# ------------------------------------------- setups: issue 22: shard locations and sizes
+def _pin_root(w: World, root: str, hosts: list[str] | None = None) -> Path:
+    """The finished run, its manifest's shard_root replaced (and its allowed hosts set)."""
+    run = w.copy_finished()
+    pinned = json.loads((run / "manifest.json").read_text())
+    pinned["shard_root"] = root
+    (run / "manifest.json").write_text(json.dumps(pinned))
+    if hosts is not None:
+        config = json.loads((run / "config.json").read_text())
+        config["scenario"]["allowed_hosts"] = hosts
+        (run / "config.json").write_text(json.dumps(config))
+    w.culprits.append(str(run / "manifest.json"))
+    return run
+
+
+def run_manifest_pipe_root(w: World):
+    # what gopen would run with a shell: proof in PWNED, and good shards, so the old reader
+    # finished without a word
+    _pin_root(w, f"pipe:touch {w.tmp / 'PWNED'}; cat {w.good}")
+    w.culprits.append("pipe:")
+    return ["eval", str(w.run_dir)]
+
+
+def _run_manifest_root(root: str, hosts: list[str] | None = None, culprit: str | None = None):
+    def setup(w: World):
+        _pin_root(w, root, hosts)
+        w.culprits.append(culprit or root)
+        return ["eval", str(w.run_dir)]
+    return setup
+
+
+def run_manifest_relative_root(w: World):
+    _pin_root(w, os.path.relpath(w.good))  # resolved against wherever cldist is started
+    return ["eval", str(w.run_dir)]
+
+
+def _loopback(directory: Path, redirect_to: str | None = None) -> str:
+    """Serve `directory` (or redirect every request to `redirect_to`) on 127.0.0.1 for the
+    rest of the test session; its base URL."""
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if redirect_to is None:
+                return super().do_GET()
+            self.send_response(302)
+            self.send_header("Location", redirect_to + self.path)
+            self.end_headers()
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(Handler, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def scenario_http_host_not_allowed(w: World):
+    url = _loopback(w.data)  # served fine: only the missing allow-list entry refuses it
+    w.culprits += [url, "scenario.allowed_hosts=[127.0.0.1]"]
+    return ["run", *tiny_overrides(url, w.run_dir, "runner=inline")]
+
+
+def scenario_http_redirect_off_host(w: World):
+    # 127.0.0.1 is allowed; it redirects to `localhost`, which is not
+    target = _loopback(w.data).replace("127.0.0.1", "localhost")
+    url = _loopback(w.data, redirect_to=target)
+    w.culprits += [url, target]
+    return ["run", *tiny_overrides(url, w.run_dir, "runner=inline",
+                                   "scenario.allowed_hosts=[127.0.0.1]")]
+
+
+def scenario_pipe_manifest(w: World):
+    bad = f"pipe:touch {w.tmp / 'PWNED'}; cat {w.data / 'manifest.json'}"
+    w.culprits.append("pipe:")
+    return ["run", *tiny_overrides(f"'{bad}'", w.run_dir, "runner=inline")]  # Hydra quoting
+
+
+def _tar_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    return info.tobuf(tarfile.GNU_FORMAT)
+
+
+def _forged_shard(w: World, raw: bytes, n_samples: int = 1) -> Path:
+    path = w.shard()
+    path.write_bytes(raw)
+    _reseal(w, path, n_samples=n_samples)
+    return path
+
+
+def shard_sparse_member(w: World):
+    # a GNU sparse .png of 8 MiB of holes in a 2.5 KB file (the issue's was 1 GiB in 10 KB)
+    key = _members(w.data / w.manifest()["tasks"][1]["train"][0]["path"])[0][0].split(".")[0]
+    header = bytearray(_tar_header(f"{key}.png", 0, tarfile.GNUTYPE_SPARSE))
+    header[483:495] = tarfile.itn(8 << 20, 12, tarfile.GNU_FORMAT)  # the expanded size
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    label = b"1"
+    raw = bytes(header) + _tar_header(f"{key}.cls", len(label)) + label.ljust(512, b"\0")
+    _forged_shard(w, raw + b"\0" * 1024)
+    return w.run()
+
+
+def shard_member_claims_a_gibibyte(w: World):
+    # the header says 1 GiB; the file is 1.5 KB: refused from the header, nothing allocated
+    _forged_shard(w, _tar_header("big.png", 1 << 30) + b"\0" * 1024)
+    w.culprits.append("1073741824 bytes")
+    return w.run()
+
+
+def shard_gzip_compressed(w: World):
+    path = w.shard()
+    path.write_bytes(gzip.compress(path.read_bytes()))  # a tar.gz under the .tar name
+    _reseal(w, path)
+    return w.run()
+
+
+def shard_label_too_long(w: World):
+    def relabel(members):
+        name, _ = members[1]
+        return [members[0], (name, b"7" * 5000)] + members[2:]
+    _rewrite_shard(w, relabel)
+    return w.run()
+
+
+def shard_directory_member(w: World):
+    path = w.shard()
+    with tarfile.open(path, "a") as tar:
+        info = tarfile.TarInfo("extra")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    _reseal(w, path)
+    return w.run()
+
+
+def member_cap_from_config(w: World):
+    w.shard(task=0, split="train")
+    return w.run("scenario.max_member_bytes=100")  # every digits PNG is larger
+
+
 # -------------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Case:
@@ -648,6 +791,36 @@ CASES = [
     Case("disk-full-on-commit", disk_full_on_commit, ("No space left on device",
                                                       "cldist resume"),
          after=RESUMES, repair=disk_has_space_again),
+    # issue 22: shard locations and sizes - never a shell, only allowed hosts, bounded members
+    Case("run-manifest-pipe-root", run_manifest_pipe_root, ("shard_root", "never pipe:"),
+         after=UNTOUCHED),
+    Case("run-manifest-gs-root", _run_manifest_root("gs://bucket/ds"),
+         ("shard_root", "scenario.allowed_hosts"), after=UNTOUCHED),
+    Case("run-manifest-hf-root", _run_manifest_root("hf://datasets/x/y"),
+         ("shard_root", "the hf: scheme is refused"), after=UNTOUCHED),
+    Case("run-manifest-http-host-not-allowed", _run_manifest_root("http://127.0.0.1:9/ds"),
+         ("shard_root", "not an allowed host", "scenario.allowed_hosts=[127.0.0.1]"),
+         after=UNTOUCHED),
+    Case("run-manifest-metadata-address",
+         _run_manifest_root("http://169.254.169.254/latest", hosts=["169.254.169.254"]),
+         ("link-local", "whatever scenario.allowed_hosts says"), after=UNTOUCHED),
+    Case("run-manifest-file-url-other-host", _run_manifest_root("file://fileserver/share"),
+         ("shard_root", "not host 'fileserver'"), after=UNTOUCHED),
+    Case("run-manifest-relative-root", run_manifest_relative_root,
+         ("shard_root", "not an absolute, normalised directory"), after=UNTOUCHED),
+    Case("scenario-pipe-manifest", scenario_pipe_manifest, ("never pipe:",)),
+    Case("scenario-http-host-not-allowed", scenario_http_host_not_allowed,
+         ("not an allowed host",)),
+    Case("scenario-http-redirect-off-host", scenario_http_redirect_off_host,
+         ("redirects", "another host")),
+    Case("shard-sparse-member", shard_sparse_member, ("GNU sparse file",)),
+    Case("shard-member-claims-a-gibibyte", shard_member_claims_a_gibibyte,
+         ("67108864-byte limit", "scenario.max_member_bytes", "refused unread")),
+    Case("shard-gzip-compressed", shard_gzip_compressed, ("gzip-compressed", "plain")),
+    Case("shard-label-too-long", shard_label_too_long, ("label too long", "5000 bytes")),
+    Case("shard-directory-member", shard_directory_member, ("'extra', a directory",)),
+    Case("member-cap-from-config", member_cap_from_config,
+         ("100-byte limit", "scenario.max_member_bytes")),
     # issue 22: run directory ownership, lock, damaged files - refused by name, never a trace
     Case("run-dir-foreign-config", run_dir_foreign_config, ("holds no cldist run",),
          after=UNTOUCHED),
@@ -744,6 +917,7 @@ def test_hostile_input(case: Case, tmp_path, data2, finished_run, capsys, monkey
     code, err = _cli(argv, capsys)
     _check_message(code, err, case, w)
     assert not (w.tmp / "UNPICKLED").exists(), "a pickle was loaded"
+    assert not (w.tmp / "PWNED").exists(), "a shell command ran"
 
     if case.after == NO_RUN:
         assert not w.run_dir.exists(), "an error before the run left a run directory"

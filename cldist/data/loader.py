@@ -1,13 +1,16 @@
 """Streaming a task's shards into tensors, safely.
 
-Reading: `cldist.data.remote` opens a shard (a local path, http(s), any scheme webdataset's
-gopen knows, or fsspec's) and the tar is walked here. Members are grouped into samples
-strictly: a sample must be exactly one image (`png`/`jpg`/`jpeg`/`webp`, decoded with PIL
-restricted to that format, decompression bombs refused) and one `cls` (ASCII decimal class
-id). Any other member - `.pyd`, `.pkl`, `.pth`, a name without an extension, a link or device
-- is a `DataError` naming the shard and the key. Nothing is ever unpickled. A label outside
-the task's classes, a truncated or corrupt tar, or a sample count that differs from the
-manifest is likewise a `DataError` naming the shard.
+Reading: `cldist.data.remote` opens a shard (a local path, or a URL its manifest's
+`allowed_hosts` allow - never a command) and the tar is walked by
+`cldist.data.shards.iter_plain_tar`: plain uncompressed tar, regular members only, each
+checked against `max_member_bytes` from its header before it is read. Members are grouped
+into samples strictly: a sample must be exactly one image (`png`/`jpg`/`jpeg`/`webp`, decoded
+with PIL restricted to that format, decompression bombs refused) and one `cls` (ASCII decimal
+class id, at most MAX_LABEL_BYTES). Any other member - `.pyd`, `.pkl`, `.pth`, a name without
+an extension, a link, device, directory or sparse file - is a `DataError` naming the shard and
+the key. Nothing is ever unpickled. A label outside the task's classes, a truncated or corrupt
+tar, or a sample count that differs from the manifest is likewise a `DataError` naming the
+shard.
 
 Checksums: when `verify_checksums` is true, every shard is checked against its manifest sha256
 before anything in it is parsed: a local shard once per process (cached by path, size and
@@ -35,7 +38,6 @@ import io
 import math
 import os
 import re
-import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,7 @@ from cldist.data.manifest import SPLITS, Manifest
 from cldist.data.remote import (
     SHARD_CACHE_ENV, ChecksumMismatch, download_to_file, download_to_spool, is_local,
     local_path, open_url)
+from cldist.data.shards import MAX_LABEL_BYTES, ShardFormatError, iter_plain_tar
 from cldist.errors import DataError
 
 # Member extension -> the only PIL format allowed to decode it.
@@ -195,22 +198,16 @@ def _finish_sample(shard: str, key: str, members: dict[str, bytes],
                      image_format=IMAGE_FORMATS[images[0]], label=label)
 
 
-def _member_kind(info: tarfile.TarInfo) -> str:
-    if info.issym() or info.islnk():
-        return "link"
-    if info.isdir():
-        return "directory"
-    return "device or special file"
-
-
 def iter_shard(url: str, allowed_classes: Iterable[int] | None = None,
                expected_count: int | None = None,
-               stream: BinaryIO | None = None) -> Iterator[RawSample]:
+               stream: BinaryIO | None = None,
+               max_member_bytes: int | None = None) -> Iterator[RawSample]:
     """Yield the samples of one shard, validated but with images still encoded.
 
     `stream` is the shard already opened (see `open_shard`; it is closed here), else `url` is
     opened without a checksum check. Raises DataError (naming the shard) for unknown members,
-    bad or foreign labels, a truncated/corrupt tar, or a sample count other than
+    members over `max_member_bytes` (None: the default cap) or of another tar type, bad or
+    foreign labels, a truncated/corrupt/compressed tar, or a sample count other than
     `expected_count`.
     """
     allowed = set(allowed_classes) if allowed_classes is not None else None
@@ -221,45 +218,43 @@ def iter_shard(url: str, allowed_classes: Iterable[int] | None = None,
         with _shard_read_errors(url):
             stream = open_url(url)
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                tar.members = []  # stream mode keeps every header otherwise
-                name = info.name
-                if info.isdir():
-                    continue  # harmless; some tar writers add directory entries
-                if not info.isreg():
-                    raise DataError(f"shard {url}: member {name!r} is a {_member_kind(info)}; "
-                                    f"cldist reads only regular image and 'cls' members; "
-                                    f"{REBUILD_HINT}")
-                member_key, ext = base_plus_ext(name)
-                if member_key is None:
-                    raise DataError(f"shard {url}: member {name!r} has no extension; cldist "
-                                    f"reads only images and 'cls' labels; {REBUILD_HINT}")
-                ext = ext.lower()
-                if ext not in IMAGE_FORMATS and ext != LABEL_EXTENSION:
-                    # Checked before the member is even read: pickles are never loaded.
-                    raise DataError(f"shard {url}: sample {member_key!r} has a member of type "
-                                    f"'.{ext}' ({name}); cldist reads only png/jpg/jpeg/webp "
-                                    f"images and 'cls' labels and never unpickles; "
-                                    f"{REBUILD_HINT}")
-                if member_key != key:
-                    if key is not None:
-                        yield _finish_sample(url, key, members, allowed)
-                        count += 1
-                    if member_key in seen_keys:
-                        raise DataError(f"shard {url}: key {member_key!r} appears in two "
-                                        f"places; {REBUILD_HINT}")
-                    seen_keys.add(member_key)
-                    key, members = member_key, {}
-                if ext in members:
-                    raise DataError(f"shard {url}: sample {key!r} has two '.{ext}' members; "
-                                    f"{REBUILD_HINT}")
-                members[ext] = tar.extractfile(info).read()
+        for info, read in iter_plain_tar(stream, max_member_bytes):
+            name = info.name
+            member_key, ext = base_plus_ext(name)
+            if member_key is None:
+                raise DataError(f"shard {url}: member {name!r} has no extension; cldist "
+                                f"reads only images and 'cls' labels; {REBUILD_HINT}")
+            ext = ext.lower()
+            if ext not in IMAGE_FORMATS and ext != LABEL_EXTENSION:
+                # Checked before the member is even read: pickles are never loaded.
+                raise DataError(f"shard {url}: sample {member_key!r} has a member of type "
+                                f"'.{ext}' ({name}); cldist reads only png/jpg/jpeg/webp "
+                                f"images and 'cls' labels and never unpickles; "
+                                f"{REBUILD_HINT}")
+            if member_key != key:
+                if key is not None:
+                    yield _finish_sample(url, key, members, allowed)
+                    count += 1
+                if member_key in seen_keys:
+                    raise DataError(f"shard {url}: key {member_key!r} appears in two "
+                                    f"places; {REBUILD_HINT}")
+                seen_keys.add(member_key)
+                key, members = member_key, {}
+            if ext in members:
+                raise DataError(f"shard {url}: sample {key!r} has two '.{ext}' members; "
+                                f"{REBUILD_HINT}")
+            if ext == LABEL_EXTENSION and info.size > MAX_LABEL_BYTES:
+                raise DataError(f"shard {url}: sample {key!r} has a label too long: its "
+                                f"'cls' member is {info.size} bytes, where a class id "
+                                f"takes at most {MAX_LABEL_BYTES}; {REBUILD_HINT}")
+            members[ext] = read()
         if key is not None:
             yield _finish_sample(url, key, members, allowed)
             count += 1
     except DataError:
         raise
+    except ShardFormatError as exc:
+        raise DataError(f"shard {url} {exc}; {REBUILD_HINT}") from None
     except Exception as exc:  # tarfile/gzip/OS errors: the shard is truncated or corrupt
         reason = str(exc.args[0]) if exc.args else type(exc).__name__
         raise DataError(f"shard {url} is truncated or corrupt ({type(exc).__name__}: "
@@ -333,7 +328,8 @@ def iter_task_samples(manifest: Manifest, task_id: int, split: str, *, shuffle: 
             shard = shards[int(index)]
             url = manifest.shard_url(shard)
             stream = open_shard(url, shard.sha256, verify_checksums, cache)
-            yield from iter_shard(url, allowed, expected_count=shard.n_samples, stream=stream)
+            yield from iter_shard(url, allowed, expected_count=shard.n_samples, stream=stream,
+                                  max_member_bytes=manifest.max_member_bytes)
 
     def generate() -> Iterator[RawSample]:
         stream = all_samples()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from cldist.atomic import write_text_atomic
+from cldist.data.remote import check_location, read_url, url_scheme
 from cldist.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
@@ -115,6 +116,11 @@ class Manifest:
     scenario: str = CLASS_IL  # "class" or "domain" incremental (see the module docstring)
     # Where shard paths are relative to: a local directory or a base URL. Not serialised.
     root: str = field(default="", compare=False, repr=False)
+    # How its shards may be read (not serialised; the reader's settings, not the data's):
+    # the hosts a URL root may name (`cldist.data.remote.check_location`), and the largest tar
+    # member a reader accepts (None: `cldist.data.shards.MAX_MEMBER_BYTES`).
+    allowed_hosts: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    max_member_bytes: int | None = field(default=None, compare=False, repr=False)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -139,9 +145,10 @@ class Manifest:
         return self.tasks[task_id]
 
     def shard_url(self, shard: ShardInfo) -> str:
-        """Where to read `shard` from: `root` joined with its relative path."""
+        """Where to read `shard` from: `root` joined with its relative path (which the manifest
+        keeps inside the root), checked against `allowed_hosts` when the root is a URL."""
         if _is_url(self.root):
-            return self.root.rstrip("/") + "/" + shard.path
+            return check_location(self.root.rstrip("/") + "/" + shard.path, self.allowed_hosts)
         return os.path.join(self.root or ".", *shard.path.split("/"))
 
     def stream_label(self, orig_class: int) -> int:
@@ -204,20 +211,31 @@ class Manifest:
         return target
 
     @classmethod
-    def from_dict(cls, data: Any, root: str = "", origin: str = "<manifest>") -> "Manifest":
+    def from_dict(cls, data: Any, root: str = "", origin: str = "<manifest>",
+                  allowed_hosts: tuple[str, ...] = (),
+                  max_member_bytes: int | None = None) -> "Manifest":
         """Build a manifest from its JSON form, validating every field."""
-        return _parse_manifest(data, root=root, origin=origin)
+        manifest = _parse_manifest(data, root=root, origin=origin)
+        return _with_access(manifest, allowed_hosts, max_member_bytes)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, root: str | None = None) -> "Manifest":
+    def load(cls, path: str | os.PathLike, root: str | None = None,
+             allowed_hosts: tuple[str, ...] | list[str] = (),
+             max_member_bytes: int | None = None) -> "Manifest":
         """Read and validate a manifest.
 
         `path` is a manifest.json or the dataset directory holding one, locally or at a URL
-        (http(s), or any scheme `cldist.data.remote` opens). Shard paths are taken relative
-        to the manifest's directory (or URL) unless `root` (a directory or base URL) is given.
+        that `cldist.data.remote.check_location` passes with `allowed_hosts` (http(s) from
+        those hosts, listed object-store buckets). Shard paths are taken relative to the
+        manifest's directory (or URL) unless `root` (a directory or base URL, checked the same
+        way) is given. `max_member_bytes` caps every tar member its readers accept.
         """
+        allowed_hosts = tuple(str(h) for h in allowed_hosts or ())
+        if root is not None:
+            check_location(root, allowed_hosts, what="shard root")
         if _is_url(str(path)):
-            return _load_remote(str(path), root)
+            check_location(str(path), allowed_hosts, what="dataset manifest")
+            return _with_access(_load_remote(str(path), root), allowed_hosts, max_member_bytes)
         path = Path(path)
         file = path / MANIFEST_NAME if path.is_dir() else path
         if not file.is_file():
@@ -229,17 +247,22 @@ class Manifest:
             raise DataError(f"manifest {file} is not readable JSON ({exc}); rebuild the "
                             f"dataset with `cldist data build`") from None
         base = root if root is not None else str(file.resolve().parent)
-        return _parse_manifest(data, root=base, origin=str(file))
+        manifest = _parse_manifest(data, root=base, origin=str(file))
+        return _with_access(manifest, allowed_hosts, max_member_bytes)
 
 
 # ---------------------------------------------------------------------- helpers
 def _is_url(root: str) -> bool:
-    return "://" in root or root.startswith("pipe:")
+    return url_scheme(root) is not None
+
+
+def _with_access(manifest: Manifest, allowed_hosts, max_member_bytes) -> Manifest:
+    manifest.allowed_hosts = tuple(str(h) for h in allowed_hosts or ())
+    manifest.max_member_bytes = max_member_bytes
+    return manifest
 
 
 def _load_remote(url: str, root: str | None) -> Manifest:
-    from cldist.data.remote import read_url  # only remote manifests need it
-
     file = url if url.endswith(".json") else url.rstrip("/") + "/" + MANIFEST_NAME
     raw = read_url(file, limit=MAX_MANIFEST_BYTES, what="dataset manifest")
     try:

@@ -10,6 +10,11 @@ which the project's pinned constraints fix).
 
 Shards are written to a temporary name and renamed into place, so a crashed build never
 leaves a half-written shard under its final name.
+
+Reading (`iter_plain_tar`) accepts exactly what is written here: an uncompressed tar of
+regular members (no compression, sparse files, links, devices, directories or pax/GNU
+extension headers), each at most `max_member_bytes` as its header says - checked before a
+byte of the member is read, so a tiny hostile file cannot make a reader allocate gigabytes.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import io
 import os
 import tarfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -31,6 +36,21 @@ _TAR_MODE = 0o444
 _PNG_COMPRESS_LEVEL = 6
 # Member extension the builder writes -> the PIL format readers decode it with.
 STORED_IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+# The largest member a reader accepts (override: scenario.max_member_bytes): far above any real
+# image (a 4000 x 3000 PNG is ~ 20 MiB), far below what would exhaust a worker's memory.
+MAX_MEMBER_BYTES = 64 << 20
+MAX_LABEL_BYTES = 20  # a `cls` member: an ASCII class id, a few digits
+_BLOCK = tarfile.BLOCKSIZE
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"\xfd7zXZ\x00": "xz", b"BZh": "bzip2",
+               b"\x28\xb5\x2f\xfd": "zstd", b"\x5d\x00\x00": "lzma"}
+_MEMBER_KINDS = {
+    tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link",
+    tarfile.DIRTYPE: "directory", tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO",
+    tarfile.CONTTYPE: "contiguous file", tarfile.GNUTYPE_SPARSE: "GNU sparse file",
+    tarfile.XHDTYPE: "pax extended header", tarfile.XGLTYPE: "pax global header",
+    tarfile.SOLARIS_XHDTYPE: "pax extended header", tarfile.GNUTYPE_LONGNAME: "GNU long name",
+    tarfile.GNUTYPE_LONGLINK: "GNU long link name"}
 
 
 def shard_relpath(split: str, task_id: int, index: int) -> str:
@@ -103,21 +123,100 @@ def write_shard(path: str | os.PathLike, samples: Iterable[tuple]) -> int:
     return count
 
 
+class ShardFormatError(ValueError):
+    """A shard that is not a plain tar of bounded regular members; the message says what it
+    is instead (readers prefix the shard's name)."""
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    parts, left = [], n
+    while left:
+        chunk = stream.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)
+
+
+def iter_plain_tar(stream: BinaryIO, max_member_bytes: int | None = None
+                   ) -> Iterator[tuple[tarfile.TarInfo, Callable[[], bytes]]]:
+    """`(header, read)` for every member of the uncompressed tar `stream`, in order.
+
+    Each header is checked - a regular file, at most `max_member_bytes` (None:
+    MAX_MEMBER_BYTES) - before anything else of it is read; `read()` returns the member's
+    bytes, and a member the caller does not read is skipped. Raises ShardFormatError for
+    anything else: compression, another member type, an oversized or truncated member, a
+    corrupt header. Python's tarfile is used only to parse each 512-byte header: its reader
+    would decompress, expand sparse files and read pax/GNU headers whole before any check.
+    """
+    limit = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
+    offset = 0
+    while True:
+        header = _read_exact(stream, _BLOCK)
+        if not header:
+            raise ShardFormatError("is an empty file" if offset == 0 else
+                                   f"ends at byte {offset} without the end-of-archive "
+                                   f"marker: truncated")
+        if offset == 0:
+            for magic, kind in _COMPRESSED.items():
+                if header.startswith(magic):
+                    raise ShardFormatError(f"is {kind}-compressed; cldist reads only plain "
+                                           f"uncompressed tar shards, as `cldist data build` "
+                                           f"writes them")
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.EOFHeaderError:
+            return  # the end-of-archive marker
+        except tarfile.HeaderError as exc:
+            raise ShardFormatError(f"is not a plain tar, or is truncated or corrupt (header "
+                                   f"at byte {offset}: {exc})") from None
+        offset += _BLOCK
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            kind = _MEMBER_KINDS.get(info.type, f"member of tar type {info.type!r}")
+            raise ShardFormatError(f"holds member {info.name!r}, a {kind}; cldist reads only "
+                                   f"regular image and 'cls' members of a plain tar")
+        if not 0 <= info.size <= limit:
+            raise ShardFormatError(f"holds member {info.name!r} of {info.size} bytes (its "
+                                   f"header says), more than the {limit}-byte limit "
+                                   f"(scenario.max_member_bytes); refused unread")
+        padded = -(-info.size // _BLOCK) * _BLOCK
+        consumed = False
+
+        def read(info=info) -> bytes:
+            nonlocal consumed
+            consumed = True
+            data = _read_exact(stream, info.size)
+            if len(data) < info.size:
+                raise ShardFormatError(f"has member {info.name!r} cut short at byte "
+                                       f"{offset + len(data)}: truncated")
+            return data
+
+        yield info, read
+        if consumed:
+            _read_exact(stream, padded - info.size)
+        else:
+            skipped = len(_read_exact(stream, padded))
+            if skipped < info.size:
+                raise ShardFormatError(f"has member {info.name!r} cut short: truncated")
+        offset += padded
+
+
 def read_shard_index(path: str | os.PathLike) -> list[tuple[str, int]] | None:
     """`(key, class_id)` of every sample in a shard this module wrote, in order; None when the
     file is not such a shard (unreadable, truncated, foreign members). Images are not read."""
     index: list[tuple[str, int]] = []
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for info in tar:
+        with open(path, "rb") as stream:
+            for info, read in iter_plain_tar(stream):
                 key, _, ext = info.name.partition(".")
-                if not info.isreg():
-                    return None
                 if ext == "cls":
-                    index.append((key, int(tar.extractfile(info).read().decode("ascii"))))
+                    if info.size > MAX_LABEL_BYTES:
+                        return None
+                    index.append((key, int(read().decode("ascii"))))
                 elif ext not in STORED_IMAGE_FORMATS:
                     return None
-    except (OSError, tarfile.TarError, ValueError, UnicodeDecodeError):
+    except (OSError, ShardFormatError, ValueError, UnicodeDecodeError):
         return None
     return index
 
