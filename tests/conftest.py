@@ -1,9 +1,12 @@
 """Shared fixtures: tiny data built once per session, one Ray cluster per session."""
 from __future__ import annotations
 
+import functools
 import io
 import os
 import tarfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,22 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def serve_directory(directory: Path, redirect_to: str | None = None):
+    """Serve `directory` over http on 127.0.0.1 (or answer every request with a redirect to
+    `redirect_to` + the path) from a daemon thread; returns (server, base URL)."""
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if redirect_to is None:
+                return super().do_GET()
+            self.send_response(302)
+            self.send_header("Location", redirect_to + self.path)
+            self.end_headers()
+    server = ThreadingHTTPServer(("127.0.0.1", 0),
+                                 functools.partial(Handler, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"

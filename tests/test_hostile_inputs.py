@@ -12,7 +12,6 @@ inline runner, so a whole run takes about two seconds on a CPU.
 from __future__ import annotations
 
 import errno
-import functools
 import gzip
 import hashlib
 import json
@@ -22,9 +21,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 from dataclasses import dataclass, field
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +29,7 @@ import pytest
 
 from cldist.cli import main
 
-from .conftest import tiny_overrides, write_tar
+from .conftest import serve_directory, tiny_overrides, write_tar
 
 NO_RUN = "no run dir"      # the error came before the run: RUN_DIR was never created
 UNTOUCHED = "untouched"    # RUN_DIR (or the path given) is exactly as it was before the command
@@ -474,84 +471,6 @@ def restore_shards(w: World):
     run_manifest.write_text(json.dumps(pinned, indent=2))
 
 
-# ------------------- setups: issue 22: run directory ownership, lock, damaged files
-def run_dir_foreign_config(w: World):
-    w.run_dir.mkdir()
-    (w.run_dir / "config.json").write_text('{"api_key": "x"}')  # someone's, not a run's
-    w.culprits += [str(w.run_dir), "config.json"]
-    return w.run()
-
-
-def run_dir_foreign_state(w: World):
-    w.run_dir.mkdir()
-    (w.run_dir / "state.json").write_text('{"api_key": "x"}')
-    w.culprits += [str(w.run_dir), "state.json"]
-    return w.run()
-
-
-def resume_foreign_state(w: World):
-    w.run_dir.mkdir()
-    for name in ("config.json", "state.json"):
-        (w.run_dir / name).write_text('{"api_key": "x"}')
-    w.culprits.append(str(w.run_dir / "state.json"))
-    return ["resume", str(w.run_dir)]
-
-
-def resume_while_locked(w: World):
-    """A second writer while the lock is held the way a running cldist holds it."""
-    import fcntl
-    run = w.copy_finished()
-    holder = open(run / "cldist.lock", "a+")  # closed, and so unlocked, with the World
-    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    holder.write(f"pid {os.getpid()} on testhost\n")
-    holder.flush()
-    w.lock_holder = holder
-    w.culprits += [str(run), f"pid {os.getpid()}"]
-    return ["subprocess", "resume", str(run), "--allow-lr-change", "method.lr=5e-2"]
-
-
-def _damaged_run_file(name: str, damage: Callable[[Path], None], command: str = "resume",
-                      culprits: tuple[str, ...] = ()):
-    def setup(w: World):
-        run = w.copy_finished()
-        damage(run / name)
-        w.culprits += [str(run / name), *culprits]
-        return [command, str(run)]
-    return setup
-
-
-def _edit_json(edit: Callable[[dict], None]) -> Callable[[Path], None]:
-    def damage(path: Path):
-        data = json.loads(path.read_text())
-        edit(data)
-        path.write_text(json.dumps(data))
-    return damage
-
-
-def _nest(wrap: str) -> Callable[[Path], None]:
-    def damage(path: Path):
-        path.write_text(wrap.replace("DEEP", "[" * 100_000 + "]" * 100_000))
-    return damage
-
-
-def _reshape_head(path: Path):
-    """A valid safetensors file whose head bias has one class too many."""
-    import torch
-    from safetensors.torch import load_file, save_file
-    tensors = load_file(str(path))
-    tensors["bias"] = torch.zeros(tensors["bias"].shape[0] + 1)
-    save_file(tensors, str(path))
-
-
-def task_0_deleted(w: World):
-    """Task 0 (PEARL's reference) gone while task 1, trained on top of it, is finished."""
-    run = w.copy_finished()
-    shutil.rmtree(run / "tasks" / "000")
-    w.culprits += [str(run / "state.json"), str(run / "tasks" / "000"),
-                   str(run / "tasks" / "001")]
-    return ["resume", str(run)]
-
-
 # ------------------------------------------- setups: issue 22: shard locations and sizes
 def _pin_root(w: World, root: str, hosts: list[str] | None = None) -> Path:
     """The finished run, its manifest's shard_root replaced (and its allowed hosts set)."""
@@ -591,20 +510,7 @@ def run_manifest_relative_root(w: World):
 def _loopback(directory: Path, redirect_to: str | None = None) -> str:
     """Serve `directory` (or redirect every request to `redirect_to`) on 127.0.0.1 for the
     rest of the test session; its base URL."""
-    class Handler(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            if redirect_to is None:
-                return super().do_GET()
-            self.send_response(302)
-            self.send_header("Location", redirect_to + self.path)
-            self.end_headers()
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 functools.partial(Handler, directory=str(directory)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}"
+    return serve_directory(directory, redirect_to)[1]
 
 
 def scenario_http_host_not_allowed(w: World):
@@ -689,6 +595,84 @@ def shard_directory_member(w: World):
 def member_cap_from_config(w: World):
     w.shard(task=0, split="train")
     return w.run("scenario.max_member_bytes=100")  # every digits PNG is larger
+
+
+# ------------------- setups: issue 22: run directory ownership, lock, damaged files
+def run_dir_foreign_config(w: World):
+    w.run_dir.mkdir()
+    (w.run_dir / "config.json").write_text('{"api_key": "x"}')  # someone's, not a run's
+    w.culprits += [str(w.run_dir), "config.json"]
+    return w.run()
+
+
+def run_dir_foreign_state(w: World):
+    w.run_dir.mkdir()
+    (w.run_dir / "state.json").write_text('{"api_key": "x"}')
+    w.culprits += [str(w.run_dir), "state.json"]
+    return w.run()
+
+
+def resume_foreign_state(w: World):
+    w.run_dir.mkdir()
+    for name in ("config.json", "state.json"):
+        (w.run_dir / name).write_text('{"api_key": "x"}')
+    w.culprits.append(str(w.run_dir / "state.json"))
+    return ["resume", str(w.run_dir)]
+
+
+def resume_while_locked(w: World):
+    """A second writer while the lock is held the way a running cldist holds it."""
+    import fcntl
+    run = w.copy_finished()
+    holder = open(run / "cldist.lock", "a+")  # closed, and so unlocked, with the World
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder.write(f"pid {os.getpid()} on testhost\n")
+    holder.flush()
+    w.lock_holder = holder
+    w.culprits += [str(run), f"pid {os.getpid()}"]
+    return ["subprocess", "resume", str(run), "--allow-lr-change", "method.lr=5e-2"]
+
+
+def _damaged_run_file(name: str, damage: Callable[[Path], None], command: str = "resume",
+                      culprits: tuple[str, ...] = ()):
+    def setup(w: World):
+        run = w.copy_finished()
+        damage(run / name)
+        w.culprits += [str(run / name), *culprits]
+        return [command, str(run)]
+    return setup
+
+
+def _edit_json(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def damage(path: Path):
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+    return damage
+
+
+def _nest(wrap: str) -> Callable[[Path], None]:
+    def damage(path: Path):
+        path.write_text(wrap.replace("DEEP", "[" * 100_000 + "]" * 100_000))
+    return damage
+
+
+def _reshape_head(path: Path):
+    """A valid safetensors file whose head bias has one class too many."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(path))
+    tensors["bias"] = torch.zeros(tensors["bias"].shape[0] + 1)
+    save_file(tensors, str(path))
+
+
+def task_0_deleted(w: World):
+    """Task 0 (PEARL's reference) gone while task 1, trained on top of it, is finished."""
+    run = w.copy_finished()
+    shutil.rmtree(run / "tasks" / "000")
+    w.culprits += [str(run / "state.json"), str(run / "tasks" / "000"),
+                   str(run / "tasks" / "001")]
+    return ["resume", str(run)]
 
 
 # -------------------------------------------------------------------------------- the table
@@ -946,6 +930,7 @@ def test_hostile_input(case: Case, tmp_path, data2, finished_run, capsys, monkey
 
 def test_the_table_is_big_enough():
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
+
 
 # issue 22: run directory ownership, lock, damaged files - signals and older run directories
 def test_sigterm_records_interrupted_and_the_run_resumes(data2, tmp_path, capsys):

@@ -8,14 +8,11 @@ reading (or allocating) what they claim.
 """
 from __future__ import annotations
 
-import functools
 import gzip
 import lzma
 import tarfile
-import threading
 import time
 import tracemalloc
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,8 @@ from cldist.data.manifest import Manifest
 from cldist.data.remote import check_location, open_url
 from cldist.data.verify import verify_dataset
 from cldist.errors import DataError
+
+from .conftest import serve_directory
 
 GIB = 1 << 30
 
@@ -84,27 +83,10 @@ def test_devices_are_not_shards():
         open_url("/dev/zero")  # would hash forever
 
 
-def _serve(directory: Path, redirect_to: str | None = None):
-    class Handler(SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            if redirect_to is None:
-                return super().do_GET()
-            self.send_response(302)
-            self.send_header("Location", redirect_to + self.path)
-            self.end_headers()
-    server = ThreadingHTTPServer(("127.0.0.1", 0),
-                                 functools.partial(Handler, directory=str(directory)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
 def test_allowed_loopback_host_works_and_redirects_stay_on_it(digits_dir):
-    server, url = _serve(digits_dir)
-    same, same_url = _serve(digits_dir, redirect_to=url)  # 127.0.0.1 -> 127.0.0.1
-    off, off_url = _serve(digits_dir, redirect_to=url.replace("127.0.0.1", "localhost"))
+    server, url = serve_directory(digits_dir)
+    same, same_url = serve_directory(digits_dir, redirect_to=url)  # 127.0.0.1 -> 127.0.0.1
+    off, off_url = serve_directory(digits_dir, redirect_to=url.replace("127.0.0.1", "localhost"))
     try:
         with pytest.raises(DataError, match=r"scenario.allowed_hosts=\[127.0.0.1\]"):
             Manifest.load(url)
