@@ -10,7 +10,6 @@ earlier tasks' saved state (through safetensors bytes) loaded into it, then `lea
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from cldist.coordinator.statistics import ClassStatistics
 from cldist.eval.routing import LinearDiscriminant, router_features
 from cldist.train.statistics import (STATS_STEM, collect_task_statistics, router_projection,
                                      statistics_tensors)
+from cldist.train.task import with_run_defaults
 from cldist.coordinator.run_coordinator import allocate_ranks_locally
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +121,7 @@ def fresh_model(method, reference=None):
         backbone = build_backbone(BackboneSpec(name="test_vit", img_size=SIZE, patch_size=4))
         split_fused_qkv(backbone)
     model = method.build(backbone, int(backbone.num_features), [CLASSES] * N_TASKS)
+    model.head_init = method.cfg.get("head_init", "default")  # as build_model sets it
     if reference is not None:
         method.load_reference_state(model, reference)
     return model
@@ -146,8 +147,11 @@ class CheckingEngine(TorchStepEngine):
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def make_ctx(t: int, train=TRAIN, log: list | None = None,
-             optimizer: str = "adamw") -> TaskContext:
+def make_ctx(t: int, train=TRAIN, log: list | None = None, optimizer: str = "adamw",
+             weight_decay: float = 0.0, before_fit=None, after_fit=None,
+             engines: list | None = None) -> TaskContext:
+    """`fit` fills in the run's optimiser keys as train_task does; `before_fit(model, request)`
+    and `after_fit(model, request)` see every phase; `engines` collects every engine made."""
     x, y = train[t]
 
     def batches(epoch):
@@ -163,16 +167,27 @@ def make_ctx(t: int, train=TRAIN, log: list | None = None,
 
     def fit(model, request):
         source, n = (seen, (t + 1) * len(y)) if request.data == "seen" else (batches, len(y))
-        if request.optimizer is None:  # the run's method.optimizer, as train_task fills it in
-            request = dataclasses.replace(request, optimizer=optimizer)
+        request = with_run_defaults(request, optimizer, weight_decay)  # as train_task does
         requested = {id(p) for p in request.params}
         frozen = {k: p.detach().clone() for k, p in model.named_parameters() if id(p) not in requested}
-        result = loop.fit(model, request, source, math.ceil(n / BATCH), CheckingEngine, CPU)
+        if before_fit is not None:
+            before_fit(model, request)
+
+        def make_engine(*args, **kwargs):
+            engine = CheckingEngine(*args, **kwargs)
+            if engines is not None:  # the optimiser as made (finish() may release it)
+                engines.append((request.phase, [dict(g, params=None)
+                                                for g in engine.optimizer.param_groups]))
+            return engine
+
+        result = loop.fit(model, request, source, math.ceil(n / BATCH), make_engine, CPU)
         now = dict(model.named_parameters())
         for k, before in frozen.items():
             assert torch.equal(before, now[k]), f"{request.phase}: frozen parameter {k} changed"
         if log is not None:
             log.append(request)
+        if after_fit is not None:
+            after_fit(model, request)
         return result
 
     return TaskContext(task_id=t, n_tasks=N_TASKS, classes_per_task=[CLASSES] * N_TASKS,
@@ -210,16 +225,18 @@ def task_classes(t: int) -> list[int]:
     return [t * CLASSES + c for c in range(CLASSES)]
 
 
-def train_stream(method, train=TRAIN):
-    """Tasks 0..N-1 like the task jobs run them; keeps every trained model and state."""
+def train_stream(method, train=TRAIN, n_tasks: int = N_TASKS, **ctx_hooks):
+    """Tasks 0..n_tasks-1 like the task jobs run them; keeps every trained model and state.
+    `ctx_hooks`: make_ctx's before_fit / after_fit / engines."""
     run = {"method": method, "reference": None, "states": [], "models": [], "metas": [],
            "logits": [], "requests": []}
-    for t in range(N_TASKS):
+    for t in range(n_tasks):
         model = fresh_model(method, run["reference"])
         for dep in method.state_dependencies(t):
             method.load_task_state(model, dep, roundtrip(run["states"][dep]))
         log: list = []
-        ctx = make_ctx(t, train, log, method.cfg.get("optimizer", "adamw"))
+        ctx = make_ctx(t, train, log, method.cfg.get("optimizer", "adamw"),
+                       float(method.cfg.get("weight_decay", 0.0)), **ctx_hooks)
         meta = method.learn_task(model, ctx)
         if t == 0:
             ref = method.reference_state(model)
@@ -305,6 +322,76 @@ def test_new_method_options_are_validated():
         assert key in str(e.value)
 
 
+# -- keys every method must honour ------------------------------------------------------------
+TRAINED = [pytest.param(name, id=name,
+                        marks=pytest.mark.skip(reason=f"{name} trains nothing: no head, no optimiser")
+                        if name in TRAINING_FREE else ())
+           for name in sorted(METHODS)]
+
+
+_FIRST_TASKS: dict[str, dict] = {}
+
+
+def _first_tasks(name: str) -> dict:
+    """Tasks 0 and 1 (PEARL's task 0 is the reference; task 1 runs its two stages) with
+    `head_init=zero` and `weight_decay=0.05`, every phase's heads recorded as they are when the
+    phase starts, and every optimiser's parameter groups as made. One run per method serves
+    both tests below."""
+    if name in _FIRST_TASKS:
+        return _FIRST_TASKS[name]
+    heads_at_start: list[tuple[str, str, torch.Tensor]] = []
+    engines: list = []
+
+    def before_fit(model, request):
+        requested = {id(p) for p in request.params}
+        for key, head in model.heads.items():
+            if id(head.weight) in requested:
+                heads_at_start.append((request.phase, key,
+                                       torch.cat([head.weight.detach().flatten(),
+                                                  head.bias.detach()])))
+
+    method = make_method(name, epochs=1, stage1_epochs=1, reference_epochs=1, head_init="zero",
+                         weight_decay=0.05)
+    train_stream(method, n_tasks=2, before_fit=before_fit, engines=engines)
+    _FIRST_TASKS[name] = {"heads": heads_at_start, "engines": engines}
+    return _FIRST_TASKS[name]
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_zero_head_init_reaches_every_trained_head(name):
+    """`method.head_init=zero`: every head a phase trains is zero when that phase starts (PEARL
+    re-initialises its head before stage 2: that one too)."""
+    out = _first_tasks(name)
+    assert out["heads"], f"{name}: no phase trained a head"
+    for phase, key, values in out["heads"]:
+        assert not values.any(), f"{name}, phase {phase}: head {key} starts non-zero"
+    if name == "pearl":
+        assert [p for p, _, _ in out["heads"]] == ["reference", "stage1", "stage2"]
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_weight_decay_reaches_every_optimiser(name):
+    """`method.weight_decay` is applied by the trainer to every phase a method leaves it to
+    (FitRequest.weight_decay None); PEARL's stage 1 alone keeps 0 by design (pearl.py)."""
+    out = _first_tasks(name)
+    assert out["engines"], f"{name}: no optimiser was made"
+    for phase, groups in out["engines"]:
+        decays = {g["weight_decay"] for g in groups}
+        expect = 0.0 if (name, phase) == ("pearl", "stage1") else 0.05
+        assert decays == {expect}, f"{name}, phase {phase}: weight decay {decays}"
+
+
+def test_run_defaults_fill_only_what_a_method_left_to_the_run():
+    """train_task's `fit` applies the run's optimiser keys where a request leaves them None."""
+    from cldist.methods.base import FitRequest
+    left = FitRequest("p", [], 1, 1e-3, lambda x, y: x)
+    filled = with_run_defaults(left, "sgd", 0.05)
+    assert (filled.optimizer, filled.weight_decay) == ("sgd", 0.05)
+    kept = with_run_defaults(dataclasses.replace(left, optimizer="adamw", weight_decay=0.0),
+                             "sgd", 0.05)
+    assert (kept.optimizer, kept.weight_decay) == ("adamw", 0.0)
+
+
 # -- PEARL ------------------------------------------------------------------------------------
 def test_pearl_earlier_subnetworks_are_bit_identical_after_later_tasks():
     run = stream("pearl")
@@ -314,6 +401,63 @@ def test_pearl_earlier_subnetworks_are_bit_identical_after_later_tasks():
         method.load_task_state(model, t, roundtrip(run["states"][t]))
     for t in range(N_TASKS):
         assert torch.equal(predict(method, model, t), run["logits"][t])
+
+
+def _reference_part(model) -> dict[str, torch.Tensor]:
+    """The backbone without adapters and per-task norm copies: W_r, BatchNorm statistics too."""
+    return {k: v.detach().clone() for k, v in model.backbone.state_dict().items()
+            if ".lora_" not in k and ".branches." not in k}
+
+
+@pytest.mark.parametrize("task_norms", [True, False], ids=["task-norms", "shared-norms"])
+def test_pearl_cnn_reference_norms_and_stage1(task_norms):
+    """PEARL on a CNN, the configuration docs/RESULTS.md measures (per-task norms), and with
+    `task_norms: false`. After every task W_r - every weight and BatchNorm statistic outside
+    the adapters - is bit-identical to the reference; stage 1 moved the target weights (and,
+    with task norms, the base norms) and all of it was discarded; each task's LoRA and norm
+    copies come back bit-identically from its saved state. Without task norms the shared
+    BatchNorm statistics never move after the reference, stage 1 included."""
+    stage1: list[dict[str, torch.Tensor]] = []
+
+    def after_fit(model, request):
+        if request.phase == "stage1":
+            stage1.append(_reference_part(model))
+
+    method = make_cnn_method("pearl", task_norms=task_norms, stage1_epochs=1,
+                             reference_epochs=2)
+    run = train_stream(method, after_fit=after_fit)
+    reference = run["reference"]
+    assert reference is not None and set(reference) == set(_reference_part(run["models"][0]))
+    bn = "bn.base." if task_norms else "bn."
+    # the reference training (task 0) did update the statistics: they are W_r's own
+    assert reference[bn + "running_mean"].abs().max() > 0
+    targets = [f"{c}.base.weight" for c in CNN_TARGETS]
+    assert len(stage1) == N_TASKS - 1
+    for t in range(1, N_TASKS):
+        model, key = run["models"][t], task_key(t)
+        now = _reference_part(model)
+        for k, v in reference.items():
+            assert torch.equal(now[k], v), f"task {t}: {k} differs from W_r"
+        moved = stage1[t - 1]
+        assert all(not torch.equal(moved[k], reference[k]) for k in targets), \
+            f"task {t}: stage 1 left a target weight at W_r: nothing to discard"
+        for stat in ("running_mean", "running_var"):
+            assert torch.equal(moved[bn + stat], reference[bn + stat]) != task_norms, \
+                f"task {t}: stage 1 {'left' if task_norms else 'moved'} the shared {stat}"
+        reloaded = load_into_fresh(run, t)
+        for n, layer in model.lora_layers().items():
+            again = reloaded.lora_layers()[n]
+            assert torch.equal(layer.lora_A[key], again.lora_A[key])
+            assert torch.equal(layer.lora_B[key], again.lora_B[key])
+        norms = model.task_norm_layers()
+        assert bool(norms) == task_norms
+        for n, m in norms.items():
+            own = m.branches[key].state_dict()
+            back = reloaded.task_norm_layers()[n].branches[key].state_dict()
+            assert set(own) == set(back) and all(torch.equal(own[k], back[k]) for k in own)
+            # stage 2 trained the task's own copy, statistics included
+            assert not torch.equal(own["running_mean"], reference[bn + "running_mean"])
+        assert torch.equal(predict(method, reloaded, t), run["logits"][t])
 
 
 # -- SD-LoRA ----------------------------------------------------------------------------------
@@ -653,7 +797,7 @@ def test_slda_refuses_a_model_without_the_statistics_it_is_made_of():
 
 
 # -- CNN backbones ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["sdlora", "sdlora_kd", "inflora", "codyra", "seq_lora"])
+@pytest.mark.parametrize("name", ["pearl", "sdlora", "sdlora_kd", "inflora", "codyra", "seq_lora"])
 def test_conv_targets_contract(name):
     """The same contract on a CNN: LoRA on 3x3, 1x1 and TF-'same' convs."""
     run = train_stream(make_cnn_method(name))

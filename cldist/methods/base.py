@@ -43,7 +43,9 @@ class FitRequest:
     epochs: int
     lr: float
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    weight_decay: float = 0.0
+    # None: the run's method.weight_decay (the trainer applies the shared optimiser keys, so no
+    # method can drop one); a float only where a phase must differ (PEARL's stage 1)
+    weight_decay: float | None = None
     # called after every optimiser step (CoDyRA's proximal step) with (step, total_steps)
     after_step: Callable[[int, int], None] | None = None
     # "task": the current task's data; "seen": tasks 0..t mixed (the joint baseline)

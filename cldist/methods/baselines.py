@@ -91,8 +91,7 @@ class SeqLoRA(ContinualMethod):
                   for p in (layer.lora_A[self.adapter], layer.lora_B[self.adapter])]
         params += list(model.heads[key].parameters())
         fit = ctx.fit(model, FitRequest("seq_lora", trainable(params), int(self.cfg["epochs"]),
-                                        float(self.cfg["lr"]), current_task_loss(ctx.offset),
-                                        weight_decay=float(self.cfg.get("weight_decay", 0.0))))
+                                        float(self.cfg["lr"]), current_task_loss(ctx.offset)))
         freeze(model)
         return {"fits": [fit]}
 
@@ -158,7 +157,6 @@ class Joint(ContinualMethod):
         params += [p for key in keys for p in model.heads[key].parameters()]
         fit = ctx.fit(model, FitRequest("joint", trainable(params), int(self.cfg["epochs"]),
                                         float(self.cfg["lr"]), seen_classes_loss,
-                                        weight_decay=float(self.cfg.get("weight_decay", 0.0)),
                                         data="seen"))
         freeze(model)
         return {"fits": [fit]}
@@ -213,8 +211,7 @@ class LinearProbe(ContinualMethod):
         model.activate([], [key])
         fit = ctx.fit(model, FitRequest("probe", trainable(model.heads[key].parameters()),
                                         int(self.cfg["epochs"]), float(self.cfg["lr"]),
-                                        current_task_loss(ctx.offset),
-                                        weight_decay=float(self.cfg.get("weight_decay", 0.0))))
+                                        current_task_loss(ctx.offset)))
         freeze(model)
         return {"fits": [fit]}
 

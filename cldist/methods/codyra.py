@@ -142,7 +142,7 @@ class CoDyRA(ContinualMethod):
         params += list(model.heads[key].parameters())
         fit = ctx.fit(model, FitRequest(
             "codyra", trainable(params), int(self.cfg["epochs"]), float(self.cfg["lr"]),
-            current_task_loss(ctx.offset), weight_decay=float(self.cfg.get("weight_decay", 0.0)),
+            current_task_loss(ctx.offset),
             after_step=lambda step, total: self.proximal_step(model, step, total)))
         freeze(model)
         merged, ranks = self.merge(model)

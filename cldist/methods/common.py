@@ -35,7 +35,9 @@ def freeze_batchnorm_stats(model: nn.Module) -> int:
     count = 0
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.register_forward_pre_hook(_keep_eval)
+            if not getattr(m, "_stats_frozen", False):  # one hook, however often it is called
+                m.register_forward_pre_hook(_keep_eval)
+                m._stats_frozen = True
             count += 1
     return count
 

@@ -307,8 +307,7 @@ class InfLoRA(ContinualMethod):
         params = [layer.lora_B[key] for layer in layers.values()]
         params += list(model.heads[key].parameters())
         fit = ctx.fit(model, FitRequest("inflora", trainable(params), int(self.cfg["epochs"]),
-                                        float(self.cfg["lr"]), current_task_loss(ctx.offset),
-                                        weight_decay=float(self.cfg.get("weight_decay", 0.0))))
+                                        float(self.cfg["lr"]), current_task_loss(ctx.offset)))
         freeze(model)
 
         # 3. DualGPM update from the task's representations after training

@@ -12,6 +12,14 @@ and every target layer l:
               weights are discarded
     stage 2   train LoRA_t (+ its norms, + head_t) on the frozen W_r for E2 epochs; freeze
 
+The re-initialised head follows `method.head_init` like every new head. `method.weight_decay`
+applies to stage 2 and to the reference training (the trainer's default), not to stage 1:
+decoupled decay pulls W_t towards 0, not towards W_r, so it would add a full-rank -lr wd W_r
+term to the task vector whose spectrum decides the ranks. With `task_norms: false` (or on a
+CNN whose norms are not per task) BatchNorm statistics are frozen after the reference, as in
+the other adapter methods: train-mode forwards would otherwise drift the norms every
+sub-network shares.
+
 Tasks are independent given W_r, so tasks after the reference can train concurrently.
 Class-IL inference runs every sub-network W_r + LoRA_t (+ norms_t) + head_t on every image and
 takes the argmax of the concatenated logits.
@@ -23,10 +31,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..models.continual import ContinualClassifier, freeze, reset_linear, task_key
+from ..models.continual import ContinualClassifier, freeze, task_key
 from ..models.inject import inject_lora, inject_task_norms
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
+from .common import freeze_batchnorm_stats
 
 
 @register_method
@@ -66,6 +75,10 @@ class Pearl(ContinualMethod):
         cfg = self.cfg
         loss = current_task_loss(ctx.offset)
         targets = model.lora_layers()
+        if not model.task_norm_layers():
+            # no private norms to hold this task's statistics: W_r's must not move (the
+            # per-task norms' base copies are restored after stage 1 instead)
+            freeze_batchnorm_stats(model)
 
         # stage 1: fine-tune the target layers (and the norms, for CNNs) from W_r
         reference = {n: layer.weight.detach().clone() for n, layer in targets.items()}
@@ -77,7 +90,8 @@ class Pearl(ContinualMethod):
         stage1_params += [p for m in model.task_norm_layers().values() for p in m.base.parameters()]
         stage1_params += list(model.heads[key].parameters())
         stage1 = ctx.fit(model, FitRequest("stage1", trainable(stage1_params),
-                                           int(cfg["stage1_epochs"]), float(cfg["stage1_lr"]), loss))
+                                           int(cfg["stage1_epochs"]), float(cfg["stage1_lr"]), loss,
+                                           weight_decay=0.0))  # see the module docstring
         fine_tuned = {n: layer.weight.detach().clone() for n, layer in targets.items()}
         # discard the stage-1 weights: W_r stays bit-identical for every later sub-network
         with torch.no_grad():
@@ -103,7 +117,7 @@ class Pearl(ContinualMethod):
                 layer.set_adapter_weights(key, d["B"], d["A"])
         for m in model.task_norm_layers().values():
             m.add_adapter(key)  # a copy of the reference norm: "re-initialised" to W_r's
-        reset_linear(model.heads[key], ctx.generator)
+        model.init_head(model.heads[key], ctx.generator)  # `method.head_init`, as a new head
         model.activate([key], [key])
         stage2_params = self._task_params(model, key)
         stage2 = ctx.fit(model, FitRequest("stage2", trainable(stage2_params),

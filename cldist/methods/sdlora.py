@@ -177,8 +177,7 @@ class SDLoRA(ContinualMethod):
         params = [p for layer in layers.values() for p in (layer.lora_A[key], layer.lora_B[key])]
         params += list(model.sd_magnitudes.values()) + list(model.heads[key].parameters())
         fit = ctx.fit(model, FitRequest("sdlora", trainable(params), int(self.cfg["epochs"]),
-                                        float(self.cfg["lr"]), current_task_loss(ctx.offset),
-                                        weight_decay=float(self.cfg.get("weight_decay", 0.0))))
+                                        float(self.cfg["lr"]), current_task_loss(ctx.offset)))
         freeze(model)
         meta = {"fits": [fit], "rank": rank}
         if self.distill and t > 0 and len(keys) > 1:

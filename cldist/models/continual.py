@@ -33,17 +33,23 @@ class ContinualClassifier(nn.Module):
     # -- structure -------------------------------------------------------------------------
     def add_head(self, key: str, n_classes: int, generator: torch.Generator | None = None) -> nn.Linear:
         head = nn.Linear(self.feature_dim, n_classes)
+        self.init_head(head, generator)
+        self.heads[key] = head.to(next(self.backbone.parameters()).device)
+        return head
+
+    def init_head(self, head: nn.Linear, generator: torch.Generator | None = None) -> None:
+        """(Re-)initialise `head` the way `head_init` says: every head a method trains starts
+        from here, including a head a method re-initialises before its last phase (PEARL)."""
         if self.head_init == "zero":
             # the gradient of a cross-entropy over this head's own classes sums to zero across
             # them, so SGD never moves the head's mean row (nor Adam, for 2 classes, whose
             # gradients are exact opposites): it stays 0, and so does the head's mean logit -
             # every task's logits on one common level in Class-IL
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+            with torch.no_grad():
+                head.weight.zero_()
+                head.bias.zero_()
         else:
             reset_linear(head, generator)  # drawn on the CPU generator, then moved beside the model
-        self.heads[key] = head.to(next(self.backbone.parameters()).device)
-        return head
 
     def lora_layers(self):
         return lora_layers(self.backbone)

@@ -40,7 +40,8 @@ def fit(model: nn.Module, request: FitRequest,
     """
     total_steps = max(1, request.epochs * steps_per_epoch)
     begin = time.perf_counter()
-    engine = make_engine(model, request.params, request.lr, request.weight_decay, total_steps,
+    weight_decay = 0.0 if request.weight_decay is None else float(request.weight_decay)
+    engine = make_engine(model, request.params, request.lr, weight_decay, total_steps,
                          optimizer=request.optimizer or "adamw")
     engine_seconds = time.perf_counter() - begin  # DeepSpeed's start-up, for the benchmarks
     model.train()

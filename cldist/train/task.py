@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..coordinator.run_coordinator import allocate_ranks_locally
 from ..data.loader import TaskStream, make_transform, task_batches
 from ..data.manifest import Manifest
-from ..methods.base import ContinualMethod, TaskContext, get_method_class
+from ..methods.base import ContinualMethod, FitRequest, TaskContext, get_method_class
 from ..models.backbone import BackboneSpec, build_backbone, default_normalization
 from ..models.continual import ContinualClassifier
 from ..models.inject import split_fused_qkv
@@ -120,6 +120,17 @@ def kernels(device: torch.device) -> str:
     return f"torch {torch.__version__}, {where}"
 
 
+def with_run_defaults(request: FitRequest, optimizer: str, weight_decay: float) -> FitRequest:
+    """`request` with the run's shared optimiser keys (method.optimizer, method.weight_decay)
+    wherever the method left them to the run (None)."""
+    changes = {}
+    if request.optimizer is None:
+        changes["optimizer"] = optimizer
+    if request.weight_decay is None:
+        changes["weight_decay"] = float(weight_decay)
+    return dataclasses.replace(request, **changes) if changes else request
+
+
 def torch_engine(module, params, lr, weight_decay, total_steps, optimizer="adamw"):
     return TorchStepEngine(module, params, lr, weight_decay, total_steps, optimizer)
 
@@ -195,8 +206,7 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
             if on_epoch is not None and rank == 0:
                 on_epoch(t, phase, epoch, n_epochs, loss_value, lr)
         source, n_steps = (seen_batches, seen_steps) if request.data == "seen" else (batches, steps)
-        if request.optimizer is None:  # the method left it to the run's config
-            request = dataclasses.replace(request, optimizer=cfg.method.optimizer)
+        request = with_run_defaults(request, cfg.method.optimizer, cfg.method.weight_decay)
         return loop.fit(model_, request, source, n_steps, make_engine, device, report, task_id=t,
                         lr_key=lr_key(cfg, request.lr))
 
