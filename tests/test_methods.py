@@ -273,6 +273,7 @@ TABLE = [pytest.param(name, {}, id=name) for name in sorted(METHODS)] + [
     pytest.param("sdlora", {"variant": "official"}, id="sdlora-official"),
     pytest.param("inflora", {"variant": "official", "blocks": 3}, id="inflora-official-b3"),
     pytest.param("codyra", {"variant": "official"}, id="codyra-official"),
+    pytest.param("sdlora", {"boundary": "paper"}, id="sdlora-boundary-paper"),
 ]
 
 
@@ -499,10 +500,11 @@ def test_sdlora_official_normalisation():
                           torch.linalg.norm(layer.lora_B["t000"] @ layer.lora_A["t000"]))
 
 
-@pytest.mark.parametrize("boundary", ["continuous", "normalise"])
+@pytest.mark.parametrize("boundary", ["continuous", "normalise", "paper"])
 def test_sdlora_boundary(boundary):
     """When task 1 starts, task 0's B A turns into a frozen direction. `continuous` leaves the
-    model computing exactly what was evaluated after task 0; `normalise` rescales the update."""
+    model computing exactly what was evaluated after task 0, and so does `paper` (the direction
+    was unit-norm already); `normalise` rescales the update."""
     run = stream("sdlora", boundary=boundary)
     method = run["method"]
     model = load_into_fresh(run, 0)
@@ -511,7 +513,58 @@ def test_sdlora_boundary(boundary):
     with torch.no_grad():
         at_task1_start = model(EVAL_X)
     assert torch.equal(after_task0, run["logits"][0])
-    assert torch.allclose(at_task1_start, after_task0, atol=1e-5) == (boundary == "continuous")
+    assert torch.allclose(at_task1_start, after_task0, atol=1e-5) == (boundary != "normalise")
+
+
+def test_sdlora_paper_boundary_current_direction_is_unit_norm_from_the_first_step():
+    """`boundary=paper`: B starts small and non-zero, so the current direction B A / ||B A|| is
+    defined when training starts and each layer's update is alpha_t (1.0) times a unit-norm
+    direction; the other boundaries start from B = 0 (no update)."""
+    for boundary, expect in (("paper", 1.0), ("continuous", 0.0)):
+        method = make_method("sdlora", boundary=boundary)
+        model = fresh_model(method)
+        ctx = make_ctx(0)
+        at_start = {}
+
+        def fit(model_, request, at_start=at_start):
+            with torch.no_grad():
+                for n, layer in model_.lora_layers().items():
+                    B = layer.lora_B["t000"]
+                    at_start[n] = (float(B.abs().max()), float(torch.linalg.norm(
+                        layer.delta_matrix("t000"))))
+            return {}
+
+        ctx.fit = fit
+        method.learn_task(model, ctx)
+        assert at_start
+        for n, (b_max, update) in at_start.items():
+            assert (0 < b_max <= 0.01) if boundary == "paper" else b_max == 0, n
+            assert update == pytest.approx(expect, rel=1e-5), n
+
+
+@pytest.mark.parametrize("boundary", ["paper", "continuous"])
+def test_sdlora_paper_boundary_normalises_every_direction(boundary):
+    """After training with `boundary=paper` every task's update in every layer, the current
+    task's included, is its magnitude times a unit-norm direction, and the model does not
+    depend on the scale of any B; with `continuous` the current B A keeps its learned scale."""
+    run = stream("sdlora", boundary=boundary)
+    method, model = run["method"], run["models"][2]
+    method.activate_model(model, 2)
+    with torch.no_grad():
+        for n, layer in model.lora_layers().items():
+            for key in layer.adapters():
+                alpha = float(model.sd_magnitudes[key])
+                norm = float(torch.linalg.norm(layer.delta_matrix(key)))
+                unit = norm == pytest.approx(abs(alpha), rel=1e-4)
+                assert unit == (boundary == "paper"), f"{n}/{key}: ||update|| {norm}, alpha {alpha}"
+        model.eval()
+        before = model(EVAL_X)
+        for layer in model.lora_layers().values():
+            layer.lora_B["t002"].mul_(3.0)
+        scaled = model(EVAL_X)
+        for layer in model.lora_layers().values():
+            layer.lora_B["t002"].div_(3.0)
+    assert torch.allclose(before, scaled, atol=1e-5) == (boundary == "paper")
 
 
 def _kd_model(method, combination: bool):
@@ -540,9 +593,10 @@ def _kd_model(method, combination: bool):
     return model
 
 
-@pytest.mark.parametrize("variant", ["paper", "official"])
-def test_sdlora_kd_absorbs_a_spanned_direction(variant):
-    method = make_method("sdlora_kd", variant=variant)
+@pytest.mark.parametrize("variant,boundary", [("paper", "continuous"), ("official", "continuous"),
+                                              ("paper", "paper"), ("official", "paper")])
+def test_sdlora_kd_absorbs_a_spanned_direction(variant, boundary):
+    method = make_method("sdlora_kd", variant=variant, boundary=boundary)
     model = _kd_model(method, combination=True)
     with torch.no_grad():
         model.eval()

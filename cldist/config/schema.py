@@ -54,6 +54,7 @@ class MethodConfig:
     kd_threshold: float = 9e-4  # SD-LoRA-KD: absorb when every layer's LS residual is below
     # what a finished task's B A becomes: continuous (its learned scale kept: the model after
     # task t is exactly what was evaluated) | normalise (divided by its norm, as the variant says)
+    # | paper (every direction normalised, the current one too, from a small non-zero B)
     boundary: str = "continuous"
     # InfLoRA
     gpm_eps: float = 0.95  # DualGPM eps_0: eps_t = eps_0 + (1 - eps_0) t / T
@@ -264,8 +265,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         p.append(f"method.rank_schedule={list(m.rank_schedule)}: every rank must be >= 1")
     if m.magnitude_init is not None and not -float("inf") < m.magnitude_init < float("inf"):
         p.append(f"method.magnitude_init={m.magnitude_init}: must be a finite number or null")
-    if m.boundary not in ("continuous", "normalise"):
-        p.append(f"method.boundary={m.boundary}: choose continuous or normalise")
+    if m.boundary not in ("continuous", "normalise", "paper"):
+        p.append(f"method.boundary={m.boundary}: choose continuous, normalise or paper")
     if not m.kd_threshold >= 0:
         p.append(f"method.kd_threshold={m.kd_threshold}: must be >= 0")
     if not 0 < m.gpm_eps <= 1:

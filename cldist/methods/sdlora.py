@@ -5,13 +5,23 @@ Kaiming-uniform, B zero, scaling 1. While learning task t every target layer l c
 
     W_l x + sum_{i<t} alpha_i * D_{l,i} x + alpha_t * B_{l,t} A_{l,t} x
 
-- D_{l,i} = B_{l,i} A_{l,i} / n_{l,i} is task i's frozen direction. With `boundary: normalise`,
-  `variant: paper`: n = ||B A||_F (a unit-norm direction); `variant: official` (the authors'
-  code): n = ||B||_F ||A||_F. With `boundary: continuous` (default): n = 1 (see below).
+- D_{l,i} = B_{l,i} A_{l,i} / n_{l,i} is task i's frozen direction. With `boundary: normalise`
+  or `paper`, `variant: paper`: n = ||B A||_F (a unit-norm direction); `variant: official` (the
+  authors' code): n = ||B||_F ||A||_F. With `boundary: continuous` (default): n = 1 (see below).
   B_{l,i}, A_{l,i} never change after task i.
-- The current task's product B_t A_t is NOT normalised (both variants): normalising it is 0/0 at
-  its B = 0 initialisation. It becomes the frozen direction D_t when task t+1 starts, so the model
-  *after* task t (what is evaluated and saved) uses alpha_t B_t A_t.
+- The current task's product B_t A_t is NOT normalised (`continuous`, `normalise`): normalising
+  it is 0/0 at its B = 0 initialisation. It becomes the frozen direction D_t when task t+1
+  starts, so the model *after* task t (what is evaluated and saved) uses alpha_t B_t A_t.
+- `boundary: paper` is the paper's own form: the current direction is normalised too,
+  alpha_t B_t A_t / n_{l,t} with the gradient flowing through n, from a small non-zero B
+  (uniform in +-0.01 / sqrt(rank): nn.Linear's bound for B's fan-in, times 0.01; the forward
+  does not depend on B's scale, only the step size of its direction does). The norm is defined
+  from the first step and the direction is already unit-norm when it freezes, so nothing is
+  rescaled at the boundary. At its first step task t adds alpha_t (1.0) times a random unit-norm
+  rank-r update to every target layer: the price of the form. Measure it beside `continuous`:
+      cldist run method=sdlora method.boundary=paper                 (fmnist_5t)
+      cldist run method=sdlora method.boundary=paper scenario=fmnist_digits_10t
+  and the same two without the override for the `continuous` rows.
 - `boundary` decides what that hand-over does. `normalise` (the literal form above) divides the
   finished B_t A_t by n_{l,t} while alpha_t stays: every layer's learned update is rescaled by
   1 / n_{l,t} the moment task t+1 starts. Measured on EfficientNet-Lite0 / Split Fashion-MNIST
@@ -73,11 +83,14 @@ import torch
 from torch import nn
 
 from ..models.continual import ContinualClassifier, freeze, task_key
+from ..models.lora import cpu_draw
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
 from .common import adapter_model, head_state, load_head
 
 OFFICIAL_MAGNITUDE = 0.8
+# `boundary: paper`: B starts uniform in +-PAPER_B_SCALE / sqrt(rank) (see the docstring)
+PAPER_B_SCALE = 0.01
 
 
 class _Coefficient:
@@ -89,6 +102,8 @@ class _Coefficient:
     def __call__(self):
         alpha = self.model.sd_magnitudes[self.key]
         if self.key == self.model.sd_current:
+            if self.method.normalise_current:  # boundary: paper, trained through the norm
+                return alpha / self.method.branch_norm(self.layer, self.key)
             return alpha
         offset = self.layer.sd_offsets.get(self.key, 0.0)
         return (alpha + offset) / self.method.direction_norm(self.layer, self.key)
@@ -125,22 +140,40 @@ class SDLoRA(ContinualMethod):
         return model
 
     @property
+    def boundary(self) -> str:
+        return self.cfg.get("boundary", "continuous")
+
+    @property
     def normalise(self) -> bool:
-        return self.cfg.get("boundary", "continuous") == "normalise"
+        """Whether frozen directions are divided by their norm."""
+        return self.boundary in ("normalise", "paper")
+
+    @property
+    def normalise_current(self) -> bool:
+        """Whether the current task's B A is divided by its norm while it trains."""
+        return self.boundary == "paper"
+
+    def branch_norm(self, layer, key: str) -> torch.Tensor:
+        """||B A||_F (paper) or ||B||_F ||A||_F (official), 1 for an all-zero branch; with the
+        gradient (the current direction of `boundary: paper` trains through it). Frozen and
+        current directions share this one computation, so a direction's coefficient is the
+        same number before and after the boundary."""
+        A, B = layer.lora_A[key], layer.lora_B[key]
+        with torch.autocast(device_type=A.device.type, enabled=False):  # full precision
+            Af, Bf = A.float(), B.float()
+            n = torch.linalg.norm(Bf) * torch.linalg.norm(Af) if self.official else \
+                torch.linalg.norm(Bf @ Af)
+        n = torch.where(n > 0, n, torch.ones_like(n))
+        return n.to(A.dtype)
 
     @torch.no_grad()
     def direction_norm(self, layer, key: str) -> torch.Tensor:
-        """n_{l,i}: ||B A||_F (paper) or ||B||_F ||A||_F (official); 1 for an all-zero branch
-        and for `boundary: continuous` (the finished task's B A keeps its learned scale)."""
-        A, B = layer.lora_A[key], layer.lora_B[key]
+        """n_{l,i} of a frozen direction: `branch_norm`, or 1 for `boundary: continuous` (the
+        finished task's B A keeps its learned scale)."""
         if not self.normalise:
+            A = layer.lora_A[key]
             return torch.ones((), dtype=A.dtype, device=A.device)
-        with torch.autocast(device_type=A.device.type, enabled=False):  # full precision
-            A, B = A.float(), B.float()
-            n = torch.linalg.norm(B) * torch.linalg.norm(A) if self.official else \
-                torch.linalg.norm(B @ A)
-        n = torch.where(n > 0, n, torch.ones_like(n))
-        return n.to(layer.lora_A[key].dtype)
+        return self.branch_norm(layer, key)
 
     def direction(self, layer, key: str) -> torch.Tensor:
         """D_{l,i} flattened (frozen direction of task `key` in `layer`)."""
@@ -167,6 +200,8 @@ class SDLoRA(ContinualMethod):
         layers = model.lora_layers()
         for layer in layers.values():
             layer.add_adapter(key, min(rank, layer.max_rank()), scaling=1.0, generator=ctx.generator)
+            if self.normalise_current:  # B A / ||B A|| needs B != 0 from the first step
+                self._small_B(layer, key, ctx.generator)
         ref = next(iter(layers.values())).weight
         model.sd_magnitudes[key] = nn.Parameter(torch.full((1,), init, dtype=ref.dtype,
                                                            device=ref.device))
@@ -186,6 +221,14 @@ class SDLoRA(ContinualMethod):
         meta["directions"] = sorted(model.sd_magnitudes.keys())
         self.activate_model(model, t)
         return meta
+
+    @staticmethod
+    def _small_B(layer, key: str, generator: torch.Generator) -> None:
+        B = layer.lora_B[key]
+        bound = PAPER_B_SCALE / B.shape[1] ** 0.5
+        with torch.no_grad():
+            B.copy_(cpu_draw(B.shape, B.dtype,
+                             lambda x: x.uniform_(-bound, bound, generator=generator), B.device))
 
     # -- SD-LoRA-KD ------------------------------------------------------------------------
     @torch.no_grad()
@@ -214,6 +257,10 @@ class SDLoRA(ContinualMethod):
             alpha_t = float(model.sd_magnitudes[key])
             for n, layer in layers.items():
                 beta, _, norm = fits[n]
+                # the layer's new update is alpha_t ||B A|| / n_t times the unit direction
+                # (n_t = 1 unless the current direction was normalised: `boundary: paper`)
+                if self.normalise_current:
+                    norm = norm / float(self.direction_norm(layer, key))
                 for k, b in zip(old, beta.tolist()):
                     layer.sd_offsets[k] = layer.sd_offsets.get(k, 0.0) + alpha_t * norm * b
                 layer.remove_adapter(key)
