@@ -393,6 +393,39 @@ def test_run_defaults_fill_only_what_a_method_left_to_the_run():
     assert (kept.optimizer, kept.weight_decay) == ("adamw", 0.0)
 
 
+# -- roles on the ViT -------------------------------------------------------------------------
+# which projections of every block get adapters, per method, with its config's targets: the
+# papers' choices (PEARL keys only, SD-LoRA q+v, InfLoRA k+v). On EfficientNet-Lite0 every role
+# maps to the same pointwise convolutions (docs/RESULTS.md), so only a ViT tells them apart.
+ROLE_MODULES = {"q": ["attn.qkv.q"], "k": ["attn.qkv.k"], "v": ["attn.qkv.v"],
+                "proj": ["attn.proj"], "mlp": ["mlp.fc1", "mlp.fc2"]}
+EXPECTED_ROLES = {"pearl": ["k"], "sdlora": ["q", "v"], "sdlora_kd": ["q", "v"],
+                  "sdlora_rr": ["q", "v"], "inflora": ["k", "v"], "seq_lora": ["q", "v"],
+                  "codyra": ["q", "k", "v", "proj", "mlp"],
+                  # no adapters: full fine-tuning, frozen features, statistics only
+                  "seq_ft": [], "joint": [], "linear_probe": [], "slda": []}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_vit_role_mapping(name):
+    """On test_vit (fused qkv split into q, k, v Linear layers) a method's adapters sit on
+    exactly its roles' projections in every block, each the size of one projection."""
+    assert name in EXPECTED_ROLES, f"{name}: add its expected roles to EXPECTED_ROLES"
+    method = make_method(name)
+    model = fresh_model(method)
+    depth = len(model.backbone.blocks)
+    expect = {f"blocks.{i}.{m}" for i in range(depth) for role in EXPECTED_ROLES[name]
+              for m in ROLE_MODULES[role]}
+    layers = model.lora_layers()
+    assert set(layers) == expect
+    width = model.feature_dim
+    for n, layer in layers.items():
+        if ".attn.qkv." in n:  # one of the three split projections, never the fused 3 x width
+            assert (layer.out_features, layer.in_features) == (width, width), n
+    assert not any(isinstance(m, nn.Linear) and n.endswith("attn.qkv")
+                   for n, m in model.backbone.named_modules()), "a fused qkv was left"
+
+
 # -- PEARL ------------------------------------------------------------------------------------
 def test_pearl_earlier_subnetworks_are_bit_identical_after_later_tasks():
     run = stream("pearl")
