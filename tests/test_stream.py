@@ -54,22 +54,45 @@ def _check_run(metrics, run_dir, n_tasks):
 
 def test_pearl_inline_two_tasks(tmp_path, digits_dir):
     import torch
+    from safetensors.torch import load_file
+
+    from cldist.config.schema import RunConfig
+    from cldist.eval.scoring import Scorer, task_il_from_blocks
+    from cldist.coordinator.ranks import THRESHOLD_RULES
     metrics, run_dir = _two_task(tmp_path, digits_dir, "inline", "inline")
     _check_run(metrics, run_dir, 2)
     # which kernels computed it: AVX2 and AVX-512 runs of one seed differ (docs/RESULTS.md)
     [kernels] = metrics["kernels"]
     assert kernels.startswith(f"torch {torch.__version__}, cpu "
                               f"{torch.backends.cpu.get_cpu_capability()}")
-    # a frozen sub-network's Task-IL accuracy never changes; alone, it is its Class-IL accuracy
+    # a frozen sub-network's Task-IL accuracy never changes (the stream copies it to later
+    # rows): re-score sub-network 0 from its saved state in a model that loaded task 1 first,
+    # against one that holds task 0 alone - bit-identical logits, the recorded accuracy
     task_il = metrics["task_il_accuracy_matrix"]
-    assert task_il[1][0] == task_il[0][0] and task_il[0] == metrics["accuracy_matrix"][0]
+    assert task_il[0] == metrics["accuracy_matrix"][0]  # alone, Task-IL is Class-IL
+    cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    alone, both = Scorer(cfg, run_dir), Scorer(cfg, run_dir)
+    both.load_tasks([1, 0])
+    [block_alone], [block_both] = alone.score_blocks([(0, 0)]), both.score_blocks([(0, 0)])
+    assert (block_both.log_probs == block_alone.log_probs).all()
+    assert task_il_from_blocks(0, {(0, 0): block_both}, {0: both.test_labels(0)}) == task_il[1][0]
     # test_vit has no pre-trained weights: task 0 trains the reference, task 1 gets a LoRA
     assert (run_dir / "reference.safetensors").is_file()
     ranks = json.loads((run_dir / "state.json").read_text())["ranks"]
     import timm
     depth = len(timm.create_model("test_vit", num_classes=0, img_size=16, patch_size=4).blocks)
     assert ranks["0"] == {} and len(ranks["1"]) == depth  # one key projection per block
-    assert all(r >= 1 for r in ranks["1"].values())
+    # the reported ranks are those of the LoRA the task trained and saved, and each layer's
+    # threshold is the configured rule applied to its recorded distance (the rule's own
+    # arithmetic, with a spectrum that forces each rank, is tests/test_rank_rule.py's)
+    adapter = load_file(str(run_dir / "tasks" / "001" / "adapter.safetensors"))
+    assert {n: adapter[f"{n}.lora_A"].shape[0] for n in ranks["1"]} == ranks["1"]
+    meta = json.loads((run_dir / "tasks" / "001" / "meta.json").read_text())
+    cfg_method = cfg.method
+    rule = THRESHOLD_RULES[cfg_method.threshold_rule]
+    assert meta["ranks"] == ranks["1"]
+    for n, d in meta["distances"].items():
+        assert meta["thresholds"][n] == pytest.approx(rule(d, cfg_method.rule_params))
 
 
 def test_single_model_method_scores_task_il(tmp_path, digits_dir):
@@ -86,7 +109,15 @@ def test_loader_workers_decode_ahead(tmp_path, digits_dir):
     metrics, run_dir = _two_task(tmp_path, digits_dir, "inline", "loader", "method=seq_lora",
                                  "trainer.loader_workers=2")
     _check_run(metrics, run_dir, 2)
-    assert metrics["accuracy_matrix"][0][0] > 50  # 2 classes: it learnt task 0
+    # every step of every epoch got a batch from the workers (fit stops early when the stream
+    # runs dry). Not an accuracy check: the random-init test ViT stays near chance on 8 steps
+    # with or without workers (50-60 % measured), so "> 50" proved nothing.
+    from cldist.coordinator.store import load_run_manifest
+    manifest = load_run_manifest(run_dir)
+    for t in range(2):
+        meta = json.loads((run_dir / "tasks" / f"{t:03d}" / "meta.json").read_text())
+        [fit] = meta["fits"]
+        assert fit["steps"] == 2 * -(-manifest.tasks[t].n_train // 32), fit
 
 
 @pytest.mark.slow
