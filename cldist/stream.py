@@ -206,7 +206,7 @@ class StreamEvaluator:
 
     def __init__(self, prediction: str, runner, n_tasks: int, n_test: list[int],
                  classes_per_task: list[int] | None = None, class_il: str = "routed",
-                 top_k: int = 2, combine: str = "posterior_head", shrinkage: float = 0.1):
+                 top_k: int = 2, combine: str = "lda_head", shrinkage: float = 0.1):
         self.prediction, self.runner, self.n_tasks, self.n_test = prediction, runner, n_tasks, n_test
         self.routing = prediction == "subnetworks" and classes_per_task is not None
         self.classes_per_task = classes_per_task

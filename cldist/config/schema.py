@@ -160,7 +160,7 @@ class EvalConfig:
     """How sub-network methods decide in Class-IL (both rules are always computed)."""
     class_il: str = "routed"  # routed | ensemble: which rule acc / accuracy_matrix report
     top_k: int = 2  # routed: sub-networks run per image, besides the reference
-    combine: str = "posterior_head"  # routed: posterior_head | lda_head | top1
+    combine: str = "lda_head"  # routed: lda_head | posterior_head | top1 (docs/RESULTS.md)
 
 
 @dataclass
