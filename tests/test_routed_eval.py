@@ -82,9 +82,13 @@ def test_metrics_json_has_both_rules(inline_run):
     blocks, labels, features, stats = _everything(scorer, N_TASKS)
     assert on_disk["accuracy_matrix_ensemble"] == \
         [row_from_blocks(t, blocks, labels) for t in range(N_TASKS)]
-    # routing with the given top-2 posterior_head never beats knowing the task (Task-IL)
-    for row, til in zip(on_disk["accuracy_matrix_routed"], on_disk["task_il_accuracy_matrix"]):
+    # the ensemble's argmax over every head can only lose to the argmax within the true task
+    # (Task-IL), image by image; the routed default (lda_head) also weighs the statistics'
+    # class posterior, so it may beat the heads' Task-IL, and here (random-init test ViT: weak
+    # heads, a good discriminant) it does
+    for row, til in zip(on_disk["accuracy_matrix_ensemble"], on_disk["task_il_accuracy_matrix"]):
         assert all(r <= t for r, t in zip(row, til))
+    assert on_disk["routing"]["combine"] == "lda_head"
 
 
 def test_score_routed_equals_block_rows(inline_run):
@@ -104,7 +108,9 @@ def test_score_routed_equals_block_rows(inline_run):
         assert (executed.task_top1, executed.task_topk) == \
             (from_blocks.task_top1, from_blocks.task_topk)
         assert executed.forwards_per_image == 3.0 and executed.images == sum(sizes)
-    executed = scorer.score_routed(t, list(range(N_TASKS)), 2, "posterior_head", 0.1)
+    routing = metrics["routing"]  # what the run used (the defaults)
+    executed = scorer.score_routed(t, list(range(N_TASKS)), routing["top_k"], routing["combine"],
+                                   routing["shrinkage"])
     assert executed.row == metrics["accuracy_matrix_routed"][-1]
     assert executed.task_id_acc == metrics["task_id_acc"]
 

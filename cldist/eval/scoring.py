@@ -27,8 +27,10 @@ Single-model methods: after task t, one model over all seen classes scores test 
 
 Beside the Class-IL accuracy, each score also gives the task-incremental (Task-IL) accuracy:
 the same logits, but the argmax taken only over the true task's classes (the task id given).
-Task-IL >= Class-IL image by image; the gap is cross-task confusion, and Task-IL forgetting is
-what a method loses in its features and heads, whatever the calibration between tasks.
+Task-IL >= Class-IL image by image for the ensemble and the single models (the same logits);
+the gap is cross-task confusion, and Task-IL forgetting is what a method loses in its features
+and heads, whatever the calibration between tasks. Routed Class-IL with `lda_head` also weighs
+the class statistics' posterior, so it can beat the heads' own Task-IL.
 """
 from __future__ import annotations
 
