@@ -411,7 +411,8 @@ def cmd_data(args) -> int:
     for p in problems:
         print(p, file=sys.stderr)
     print("ok" if not problems else f"{len(problems)} problem(s)")
-    return 0 if not problems else 1
+    # refused data is exit 2 here as in `cldist run`: each problem above names its shard
+    return 0 if not problems else 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,6 +122,12 @@ def test_data_build_and_verify(tmp_path, capsys):
                  "--max-train-per-class", "5", "--max-test-per-class", "2"]) == 0
     assert main(["data", "verify", str(out)]) == 0
     assert "ok" in capsys.readouterr().out
+    # a damaged shard: exit 2 and a line naming it (the same status `cldist run` refuses with)
+    shard = sorted((out / "train").glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:700])
+    assert main(["data", "verify", str(out), "--no-decode"]) == 2
+    captured = capsys.readouterr()
+    assert shard.name in captured.err and "problem(s)" in captured.out  # checksum, truncation
 
 
 def test_help_lists_groups(capsys):
