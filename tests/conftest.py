@@ -33,6 +33,17 @@ def ray_cluster():
     shutdown()
 
 
+def first_tasks(data_dir: Path, out: Path, n_tasks: int) -> Path:
+    """A copy of the shards at `data_dir` whose manifest keeps its first `n_tasks` tasks."""
+    import json
+    import shutil
+    shutil.copytree(data_dir, out, dirs_exist_ok=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tasks"] = manifest["tasks"][:n_tasks]
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return out
+
+
 def tiny_overrides(data_dir, run_dir, *extra):
     """A seconds-long PEARL stream on the digits shards with timm's test ViT."""
     return ["scenario=digits_5t", f"scenario.manifest={data_dir}", "backbone=test_vit",

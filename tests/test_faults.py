@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import tiny_overrides
+from .conftest import first_tasks, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 MATRIX_TOL = 3.4  # two test images
@@ -37,12 +36,7 @@ LEARN = ("method.reference_epochs=15", "trainer.batch_size=16")
 
 @pytest.fixture(scope="module")
 def three_tasks(digits_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits3") / "data"
-    shutil.copytree(digits_dir, out)
-    data = json.loads((out / "manifest.json").read_text())
-    data["tasks"] = data["tasks"][:N_TASKS]
-    (out / "manifest.json").write_text(json.dumps(data))
-    return out
+    return first_tasks(digits_dir, tmp_path_factory.mktemp("digits3") / "data", N_TASKS)
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import pytest
 
 from cldist.cli import main
 
-from .conftest import serve_directory, tiny_overrides, write_tar
+from .conftest import first_tasks, serve_directory, tiny_overrides, write_tar
 
 NO_RUN = "no run dir"      # the error came before the run: RUN_DIR was never created
 UNTOUCHED = "untouched"    # RUN_DIR (or the path given) is exactly as it was before the command
@@ -42,12 +42,7 @@ CLDIST = Path(sys.executable).with_name("cldist")
 @pytest.fixture(scope="module")
 def data2(digits_dir, tmp_path_factory) -> Path:
     """The first two tasks of the session's digits shards: a pristine copy, never damaged."""
-    out = tmp_path_factory.mktemp("hostile") / "digits_2t"
-    shutil.copytree(digits_dir, out)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["tasks"] = manifest["tasks"][:2]
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
+    return first_tasks(digits_dir, tmp_path_factory.mktemp("hostile") / "digits_2t", 2)
 
 
 @pytest.fixture(scope="module")

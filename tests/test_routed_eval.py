@@ -16,18 +16,13 @@ from cldist.eval.routing import class_log_posterior, class_task_index
 from cldist.eval.scoring import Scorer, fit_router, routed_row_from_blocks, row_from_blocks
 from cldist.stream import run_stream
 
-from .conftest import tiny_overrides
+from .conftest import first_tasks, tiny_overrides
 
 N_TASKS = 4  # > 1 + top_k, so routing runs fewer sub-networks than the ensemble
 
 
 def _stream_data(tmp_path_factory, digits_dir):
-    src = tmp_path_factory.mktemp("routed-data")
-    shutil.copytree(digits_dir, src, dirs_exist_ok=True)
-    data = json.loads((src / "manifest.json").read_text())
-    data["tasks"] = data["tasks"][:N_TASKS]
-    (src / "manifest.json").write_text(json.dumps(data))
-    return src
+    return first_tasks(digits_dir, tmp_path_factory.mktemp("routed-data"), N_TASKS)
 
 
 def _overrides(data, run_dir, *extra):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cldist.coordinator.statistics import ClassStatistics, merge_all
-from cldist.eval.routing import (LinearDiscriminant, class_log_posterior, class_task_index,
+from cldist.eval.routing import (LinearDiscriminant, class_task_index,
                                  random_projection, routed_decision, router_features,
                                  task_log_posterior, top_tasks)
 

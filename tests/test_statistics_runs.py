@@ -24,7 +24,7 @@ from cldist.coordinator.statistics import ClassStatistics, merge_all
 from cldist.coordinator.store import load_task_tensors
 from cldist.train.statistics import STATS_STEM, statistics_from_tensors
 
-from .conftest import tiny_overrides
+from .conftest import first_tasks, tiny_overrides
 
 N_TASKS = 3
 # what a run directory may hold (README "Run directory"); tasks/TTT is checked on its own
@@ -37,12 +37,7 @@ PEARL_SHORT = ("method.reference_epochs=2", "method.epochs=1")
 
 @pytest.fixture(scope="module")
 def three_tasks(digits_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stats-digits3") / "data"
-    shutil.copytree(digits_dir, out)
-    data = json.loads((out / "manifest.json").read_text())
-    data["tasks"] = data["tasks"][:N_TASKS]
-    (out / "manifest.json").write_text(json.dumps(data))
-    return out
+    return first_tasks(digits_dir, tmp_path_factory.mktemp("stats-digits3") / "data", N_TASKS)
 
 
 def _run(data: Path, run_dir: Path, *extra: str) -> dict:
