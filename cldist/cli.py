@@ -207,14 +207,10 @@ def cmd_run(overrides: list[str]) -> int:
 def _read_run_config(run_dir: str) -> tuple[Path, dict]:
     """RUN/config.json as a dict; a UserError naming the problem when it cannot be read, the
     directory is not a cldist run (cldist.rundir), or the config does not fit the run."""
-    from .rundir import read_json, require_run_dir
+    from .rundir import read_run_file, require_run_dir
     state = require_run_dir(run_dir)
     path = Path(run_dir) / "config.json"
-    try:
-        data = read_json(path)
-    except FileNotFoundError:
-        raise UserError(f"{run_dir} is not a cldist run directory (no config.json); give the "
-                        f"directory a `cldist run` wrote") from None
+    data = read_run_file(run_dir, "config.json")
     where = _interpolation(data)
     if where:
         # a stored config holds resolved values; `${...}` would be resolved (environment

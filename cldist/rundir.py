@@ -95,6 +95,15 @@ def state_marker_problem(data: Any) -> str | None:
     return None
 
 
+def read_run_file(run_dir, name: str):
+    """RUN/name read by `read_json`; a missing file means RUN is not a run directory."""
+    try:
+        return read_json(Path(run_dir) / name)
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} is not a cldist run directory (no {name}); give the "
+                        f"directory a `cldist run` wrote") from None
+
+
 def require_run_dir(run_dir: str | os.PathLike) -> dict:
     """state.json of the cldist run in `run_dir`; a UserError when the directory is not one."""
     root = Path(run_dir)
@@ -103,11 +112,7 @@ def require_run_dir(run_dir: str | os.PathLike) -> dict:
         raise UserError(f"{run_dir} is not a cldist run directory ({what}); give the directory "
                         f"a `cldist run` wrote")
     path = root / STATE_FILE
-    try:
-        data = read_json(path)
-    except FileNotFoundError:
-        raise UserError(f"{run_dir} is not a cldist run directory (no {STATE_FILE}); give the "
-                        f"directory a `cldist run` wrote") from None
+    data = read_run_file(run_dir, STATE_FILE)
     problem = state_marker_problem(data)
     if problem:
         raise UserError(f"{path} is not a cldist run state ({problem}); {run_dir} is not a "

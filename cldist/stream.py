@@ -75,11 +75,12 @@ def preflight(cfg: RunConfig, manifest: Manifest) -> None:
     download is too dear); the loader checks the rest when it reads them.
     """
     from .data.loader import iter_shard, verify_shard_checksum
+    from .data.remote import is_local
     for task in manifest.tasks:
         for shard in task.train + task.test:
             url = manifest.shard_url(shard)
             verify_shard_checksum(url, shard.sha256)
-            if url.startswith("file:") or ("://" not in url and not url.startswith("pipe:")):
+            if is_local(url):
                 for _ in iter_shard(url, task.classes, expected_count=shard.n_samples,
                                     max_member_bytes=cfg.scenario.max_member_bytes):
                     pass
