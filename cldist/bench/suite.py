@@ -1,79 +1,21 @@
-"""`cldist bench [NAME]`: the benchmark suite behind docs/BENCHMARKS.md.
+"""The first benchmarks of `cldist bench`: scheduling, eval, routing, svd, loader, stream100.
 
-Every benchmark measures a cldist path against a plain baseline side by side, in one process
-and one run, and reports the ratio; the figures go to stdout (a markdown table) and to
-`OUT/NAME.json`. All of them run on synthetic data (cldist.synthetic, or the JPEGs `loader`
-draws) and timm's test ViT, so they need no download and take minutes on a 2-core machine:
-
-- `scheduling`: a 10-task PEARL stream through the Ray runner - one job at a time (baseline)
-  vs two independent jobs side by side vs packed jobs (`trainer.tasks_per_job`);
-  also the share of task time spent in SVD rank allocation.
-- `eval`: the full class-IL accuracy matrix of the first N = 10, 20, 50 tasks of a finished
-  PEARL run - a naive loop (one process, one forward per (sub-network, test set) block) vs
-  the sharded evaluator (Ray actors, sub-networks sharded, test sets batched per sub-network).
-- `routing`: Class-IL scoring throughput (test images/s) of the first T = 10, 50, 100 tasks of
-  a finished PEARL run - the ensemble (every sub-network on every image, the paper's protocol;
-  baseline) vs routed (`Scorer.score_routed`: one reference forward, then only each image's
-  top-2 sub-networks, images grouped by routed task), and network forwards per image.
-- `svd`: one ViT-B-sized layer (768 x 768) - dense SVD (baseline) vs randomised SVD vs QR of
-  rank-16 LoRA factors with an r x r SVD.
-- `loader`: one task of photo-sized JPEGs through the papers' training transform
-  (RandomResizedCrop(224) + flip): decoded in the training process (baseline) vs by
-  `trainer.loader_workers` DataLoader processes.
-- `stream100`: a 100-task stream through the Ray runner with packed jobs: wall time with Ray
-  Train's default 2 s worker poll (baseline) vs cldist's 0.5 s (`trainer.poll_interval_s`),
-  and per-task time along the stream (flat or not).
-
-    cldist bench svd                  # seconds
-    cldist bench                      # all of them, ~25 min on 2 cores
+See cldist/bench/__init__.py for the list and docs/BENCHMARKS.md for the figures.
 """
 from __future__ import annotations
 
-import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-BENCHMARKS: dict[str, Callable[[Path], dict]] = {}
-
-
-def register(fn: Callable[[Path], dict]) -> Callable[[Path], dict]:
-    BENCHMARKS[fn.__name__.removeprefix("bench_")] = fn
-    return fn
-
-
-def _stream_data(work: Path, n_tasks: int) -> Path:
-    from .data.build import build_dataset
-    from .synthetic import write_synthetic_tree
-    data = work / f"data{n_tasks}"
-    if not (data / "manifest.json").exists():
-        tree = write_synthetic_tree(work / f"tree{n_tasks}", 2 * n_tasks, train_per_class=16,
-                                    test_per_class=8, size=16)
-        build_dataset("folder", data, root=tree, n_tasks=n_tasks, seed=0)
-    return data
-
-
-def _run(data: Path, run_dir: Path, *overrides: str) -> dict:
-    from .config.compose import compose
-    from .stream import run_stream
-    cfg = compose(["scenario=digits_5t", f"scenario.manifest={data}", "backbone=test_vit",
-                   f"run_dir={run_dir}", "method.epochs=3", "method.stage1_epochs=1",
-                   "method.reference_epochs=5", "trainer.batch_size=16", "report=false",
-                   *overrides])
-    return run_stream(cfg)
-
-
-def _task_meta(run_dir: Path) -> dict:
-    return json.loads((run_dir / "state.json").read_text())["task_meta"]
+from . import register, run_stream_on, synthetic_stream_data, task_meta
 
 
 @register
 def bench_scheduling(work: Path) -> dict:
-    data = _stream_data(work, 10)
+    data = synthetic_stream_data(work, 10)
     variants = {
         "1 job at a time (baseline)": ("trainer.max_concurrent_tasks=1",),
         "2 jobs side by side": ("trainer.max_concurrent_tasks=2",),
@@ -88,10 +30,10 @@ def bench_scheduling(work: Path) -> dict:
     for label, extra in variants.items():
         run_dir = work / f"sched-{len(rows)}"
         start = time.perf_counter()
-        _run(data, run_dir, "runner=ray", *extra)
+        run_stream_on(data, run_dir, "runner=ray", *extra)
         wall = time.perf_counter() - start
         base = base or wall
-        meta = _task_meta(run_dir)
+        meta = task_meta(run_dir)
         train = sum(m["train_seconds"] for m in meta.values())
         svd = sum(m.get("rank_allocation_seconds", 0.0) for m in meta.values())
         rows.append({"variant": label, "wall_s": round(wall, 1),
@@ -102,15 +44,15 @@ def bench_scheduling(work: Path) -> dict:
 
 @register
 def bench_eval(work: Path) -> dict:
-    from .config.compose import compose
-    from .eval.scoring import Scorer, row_from_blocks
-    data = _stream_data(work, 50)
+    from ..config.compose import compose
+    from ..eval.scoring import Scorer, row_from_blocks
+    data = synthetic_stream_data(work, 50)
     run_dir = work / "eval-run"
     if not (run_dir / "metrics.json").exists():  # trained inline: the run is the input here
-        _run(data, run_dir, "runner=inline", "method.epochs=1", "method.reference_epochs=2")
+        run_stream_on(data, run_dir, "runner=inline", "method.epochs=1", "method.reference_epochs=2")
     cfg = compose(["scenario=digits_5t", f"scenario.manifest={data}", "backbone=test_vit",
                    f"run_dir={run_dir}", "report=false", "cluster.eval_actors=2"])
-    from .distributed.runner import RayRunner
+    from ..distributed.runner import RayRunner
     ray_runner = RayRunner(cfg, run_dir)
     rows = []
     try:
@@ -142,13 +84,13 @@ def bench_eval(work: Path) -> dict:
 
 @register
 def bench_routing(work: Path) -> dict:
-    from .config.compose import compose
-    from .eval.scoring import (Scorer, fit_router, routed_row_from_blocks, row_from_blocks)
+    from ..config.compose import compose
+    from ..eval.scoring import (Scorer, fit_router, routed_row_from_blocks, row_from_blocks)
     torch.set_num_threads(1)
-    data = _stream_data(work, 100)
+    data = synthetic_stream_data(work, 100)
     run_dir = work / "routing-run"
     if not (run_dir / "metrics.json").exists():  # trained inline: the run is the input here
-        _run(data, run_dir, "runner=inline", "method.epochs=1", "method.reference_epochs=2")
+        run_stream_on(data, run_dir, "runner=inline", "method.epochs=1", "method.reference_epochs=2")
     cfg = compose(["scenario=digits_5t", f"scenario.manifest={data}", "backbone=test_vit",
                    f"run_dir={run_dir}", "report=false"])
     top_k, combine, shrinkage = 2, "posterior_head", cfg.router.shrinkage
@@ -192,7 +134,7 @@ def bench_routing(work: Path) -> dict:
 
 @register
 def bench_svd(work: Path) -> dict:
-    from .coordinator.ranks import lora_product_svd
+    from ..coordinator.ranks import lora_product_svd
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     B, A = torch.randn(768, 16, generator=g), torch.randn(16, 768, generator=g)
@@ -221,8 +163,8 @@ def bench_loader(work: Path) -> dict:
     import numpy as np
     from PIL import Image
 
-    from .data.build import build_dataset
-    from .data.loader import TaskStream, make_transform, task_batches
+    from ..data.build import build_dataset
+    from ..data.loader import TaskStream, make_transform, task_batches
     data = work / "photos"
     if not (data / "manifest.json").exists():
         # 2 classes x 192 JPEGs of 400 x 300 px (ImageNet-R's images are of this order), stored
@@ -240,7 +182,7 @@ def bench_loader(work: Path) -> dict:
                         folder / f"{i:03d}.jpg", quality=90)
         build_dataset("folder", data, root=work / "tree", n_tasks=1, seed=0,
                       image_size="original")
-    from .data.manifest import Manifest
+    from ..data.manifest import Manifest
     manifest = Manifest.load(data)
     transform = make_transform(224, 3, train=True, augment=True, crop="random_resized")
     n_images = manifest.tasks[0].n_train
@@ -276,7 +218,7 @@ def bench_loader(work: Path) -> dict:
 
 @register
 def bench_stream100(work: Path) -> dict:
-    data = _stream_data(work, 100)
+    data = synthetic_stream_data(work, 100)
     # Ray Train's controller registers reports and notices a job's end only when it polls its
     # workers (Ray's default: every 2 s); packed jobs wait for the registration after each task
     variants = {"Ray Train's 2 s poll (baseline)": ("trainer.poll_interval_s=2",),
@@ -284,7 +226,7 @@ def bench_stream100(work: Path) -> dict:
     walls, metrics = {}, {}
     for i, (label, extra) in enumerate(variants.items()):
         start = time.perf_counter()
-        metrics = _run(data, work / f"stream100-{i}", "runner=ray", "trainer.tasks_per_job=25",
+        metrics = run_stream_on(data, work / f"stream100-{i}", "runner=ray", "trainer.tasks_per_job=25",
                        "method.epochs=1", "method.reference_epochs=2", *extra)
         walls[label] = time.perf_counter() - start
     base = next(iter(walls.values()))
@@ -297,27 +239,3 @@ def bench_stream100(work: Path) -> dict:
             "eval_ms_per_image": [round(1e3 * x, 2) for x in metrics["eval_seconds_per_image"]],
             "rows": [{"tasks": f"{10 * i + 1}-{10 * i + 10}", "train_s_per_task": d}
                      for i, d in enumerate(deciles)]}
-
-
-def markdown_table(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def run_benchmarks(names: list[str], out: Path) -> dict:
-    from .errors import UserError
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        raise UserError(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
-    out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="cldist-bench-") as tmp:
-        for name in names or list(BENCHMARKS):
-            result = BENCHMARKS[name](Path(tmp))
-            results[name] = result
-            (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-            print(f"\n## {name}\n" + json.dumps({k: v for k, v in result.items() if k != "rows"})
-                  + "\n\n" + markdown_table(result["rows"]), flush=True)
-    return results
