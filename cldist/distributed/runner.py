@@ -22,6 +22,7 @@ which job was retried. Evaluator actors restart themselves (`max_restarts`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -196,8 +197,11 @@ EVALUATOR_ATTEMPTS = 3  # tries of one scoring request, each with lost evaluator
 class RayRunner:
     name = "ray"
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, progress=None):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, progress=None, job_slots=None):
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir).resolve(), progress
+        # a sweep's runs share one bound on their jobs (cldist.sweep): a semaphore that each
+        # job holds while it trains; None = this run's own concurrency only
+        self.job_slots = job_slots if job_slots is not None else contextlib.nullcontext()
         self.info = connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.num_gpus)
         self.namespace = ray.get_runtime_context().namespace
         self.coordinator_name = f"cldist-coordinator-{uuid.uuid4().hex[:8]}"
@@ -235,16 +239,17 @@ class RayRunner:
         name = f"task-{ids[0]:03d}" + (f"-{ids[-1]:03d}" if len(ids) > 1 else "") + \
             f"-{uuid.uuid4().hex[:6]}"
         config["job_name"] = name
-        result = run_train_job(task_worker, config, num_workers=self.cfg.trainer.num_workers,
-                               use_gpu=self.cfg.trainer.use_gpu,
-                               storage_path=str(self.run_dir / "ray_train"),
-                               name=name,
-                               cpus_per_worker=self.cfg.trainer.cpus_per_worker,
-                               max_failures=self.cfg.trainer.max_failures,
-                               callbacks=(FailureReporter(self.coordinator_name, self.namespace,
-                                                          name),),
-                               poll_interval_s=self.cfg.trainer.poll_interval_s,
-                               gpus_per_worker=gpu_shares(self.cfg)[0])
+        with self.job_slots:
+            result = run_train_job(task_worker, config, num_workers=self.cfg.trainer.num_workers,
+                                   use_gpu=self.cfg.trainer.use_gpu,
+                                   storage_path=str(self.run_dir / "ray_train"),
+                                   name=name,
+                                   cpus_per_worker=self.cfg.trainer.cpus_per_worker,
+                                   max_failures=self.cfg.trainer.max_failures,
+                                   callbacks=(FailureReporter(self.coordinator_name, self.namespace,
+                                                              name),),
+                                   poll_interval_s=self.cfg.trainer.poll_interval_s,
+                                   gpus_per_worker=gpu_shares(self.cfg)[0])
         metas: dict[int, dict] = {}
         for metrics, checkpoint_dir in result.reports:
             meta = json.loads(metrics["meta_json"])
