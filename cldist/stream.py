@@ -74,8 +74,8 @@ def preflight(cfg: RunConfig, manifest: Manifest) -> None:
     when its task comes up hours into the run. Remote shards get the checksum only (a second
     download is too dear); the loader checks the rest when it reads them.
     """
-    from .data.loader import iter_shard, verify_shard_checksum
-    from .data.remote import is_local
+    from .data.remote import is_local, verify_shard_checksum
+    from .data.shards import iter_shard
     for task in manifest.tasks:
         for shard in task.train + task.test:
             url = manifest.shard_url(shard)

@@ -602,7 +602,7 @@ def test_http_bad_and_missing_shards_named(imagenet_r, serve, tmp_path):
 
 def test_shard_cache_env_is_filled_by_the_preflight_check(imagenet_r, serve, tmp_path,
                                                           monkeypatch):
-    from cldist.data.loader import verify_shard_checksum
+    from cldist.data.remote import verify_shard_checksum
     from cldist.data.remote import SHARD_CACHE_ENV
 
     cache = tmp_path / "env-cache"

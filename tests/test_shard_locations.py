@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cldist.data.loader import iter_shard
+from cldist.data.shards import iter_shard
 from cldist.data.manifest import Manifest
 from cldist.data.remote import check_location, open_url
 from cldist.data.verify import verify_dataset

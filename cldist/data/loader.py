@@ -1,22 +1,11 @@
 """Streaming a task's shards into tensors, safely.
 
-Reading: `cldist.data.remote` opens a shard (a local path, or a URL its manifest's
-`allowed_hosts` allow - never a command) and the tar is walked by
-`cldist.data.shards.iter_plain_tar`: plain uncompressed tar, regular members only, each
-checked against `max_member_bytes` from its header before it is read. Members are grouped
-into samples strictly: a sample must be exactly one image (`png`/`jpg`/`jpeg`/`webp`, decoded
-with PIL restricted to that format, decompression bombs refused) and one `cls` (ASCII decimal
-class id, at most MAX_LABEL_BYTES). Any other member - `.pyd`, `.pkl`, `.pth`, a name without
-an extension, a link, device, directory or sparse file - is a `DataError` naming the shard and
-the key. Nothing is ever unpickled. A label outside the task's classes, a truncated or corrupt
-tar, or a sample count that differs from the manifest is likewise a `DataError` naming the
-shard.
-
-Checksums: when `verify_checksums` is true, every shard is checked against its manifest sha256
-before anything in it is parsed: a local shard once per process (cached by path, size and
-mtime), a remote one as it is downloaded (into a temporary spool, or into the shard cache
-directory - `cache_dir`, default $CLDIST_SHARD_CACHE - where it is kept under its sha256 and
-read locally from then on).
+Reading: `cldist.data.remote.open_shard` opens a shard (a local path, or a URL its manifest's
+`allowed_hosts` allow - never a command), checked against its manifest sha256 first when
+`verify_checksums` is true (remote shards kept in the shard cache directory `cache_dir`,
+default $CLDIST_SHARD_CACHE), and `cldist.data.shards.iter_shard` walks it strictly: a plain
+tar of bounded regular members, every sample exactly one image and one `cls` label, anything
+else a `DataError` naming the shard and the key. Nothing is ever unpickled.
 
 Splitting across ranks (and DataLoader workers): every rank reads *all* shards of the task,
 in the same order and through the same seeded shuffle, and keeps the samples whose position
@@ -32,253 +21,20 @@ split) only, so a run is reproducible and every rank agrees on the order.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import math
 import os
-import re
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
 from cldist.data.manifest import SPLITS, Manifest
-from cldist.data.remote import (
-    SHARD_CACHE_ENV, ChecksumMismatch, download_to_file, download_to_spool, is_local,
-    local_path, open_url)
-from cldist.data.shards import MAX_LABEL_BYTES, ShardFormatError, iter_plain_tar
-from cldist.errors import DataError
+from cldist.data.remote import default_cache_dir, open_shard
+from cldist.data.shards import RawSample, decode_image, iter_shard
 
-# Member extension -> the only PIL format allowed to decode it.
-IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
-LABEL_EXTENSION = "cls"
 DEFAULT_SHUFFLE_BUFFER = 2000
 _SPLIT_STREAM = {"train": 1, "test": 2}
-_LABEL_RE = re.compile(r"^\s*-?[0-9]+\s*$")
-
-REBUILD_HINT = ("rebuild the dataset with `cldist data build` or run "
-                 "`cldist data verify DIR` to list every damaged shard")
-
-
-@dataclass(frozen=True)
-class RawSample:
-    """One sample as read from a shard: image bytes not yet decoded."""
-
-    shard: str  # the shard's URL or path, for error messages
-    key: str
-    image_bytes: bytes
-    image_format: str  # the PIL format name that may decode it
-    label: int  # original class id
-
-
-# ------------------------------------------------------------------ checksums
-_verified_shards: dict[tuple, str] = {}
-
-
-def shard_sha256(url: str, chunk_size: int = 1 << 20) -> str:
-    """The sha256 of a shard at a local path or URL (DataError if it cannot be read)."""
-    digest = hashlib.sha256()
-    with _shard_read_errors(url):
-        with open_url(url) as stream:
-            while chunk := stream.read(chunk_size):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _shard_read_errors(url: str, sha256: str | None = None):
-    """Any failure to read shard `url` as one DataError naming it and the fix."""
-    try:
-        yield
-    except ChecksumMismatch as exc:
-        raise _checksum_error(url, exc.actual, sha256) from None
-    except FileNotFoundError:
-        raise DataError(f"shard {url} is missing; {REBUILD_HINT}") from None
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"shard {url} cannot be read ({exc}); {REBUILD_HINT}") from None
-
-
-
-def _checksum_error(url: str, actual: str, expected: str) -> DataError:
-    return DataError(f"shard {url} fails its checksum (sha256 {actual[:16]}..., manifest "
-                     f"says {expected[:16]}...): it is corrupt or changed since the build; "
-                     f"{REBUILD_HINT}")
-
-
-def verify_shard_checksum(url: str, expected_sha256: str) -> None:
-    """Check a shard against its manifest sha256, once per process per (path, size, mtime).
-
-    A remote shard is downloaded to check it; with a shard cache ($CLDIST_SHARD_CACHE) the
-    download is kept, so a pre-flight check also fills the cache.
-    """
-    if not is_local(url) and default_cache_dir() is not None:
-        open_shard(url, expected_sha256, True, default_cache_dir()).close()
-        return
-    if is_local(url):
-        try:
-            stat = os.stat(local_path(url))
-        except FileNotFoundError:
-            raise DataError(f"shard {url} is missing; {REBUILD_HINT}") from None
-        cache_key = (url, expected_sha256, stat.st_size, stat.st_mtime_ns)
-    else:
-        cache_key = (url, expected_sha256)
-    if cache_key in _verified_shards:
-        return
-    actual = shard_sha256(url)
-    if actual != expected_sha256:
-        raise _checksum_error(url, actual, expected_sha256)
-    _verified_shards[cache_key] = actual
-
-
-def default_cache_dir() -> str | None:
-    """The shard cache directory from $CLDIST_SHARD_CACHE (None when unset or empty)."""
-    return os.environ.get(SHARD_CACHE_ENV) or None
-
-
-def open_shard(url: str, sha256: str, verify: bool = True,
-               cache_dir: str | os.PathLike | None = None) -> BinaryIO:
-    """A read stream over the shard at `url`, checked against `sha256` first when `verify`.
-
-    Remote shards are downloaded once: into `cache_dir/<sha256>.tar` when a cache directory is
-    given (always checked, since the file is named by its checksum), else into a temporary
-    spool when `verify`, else streamed straight from the URL.
-    """
-    with _shard_read_errors(url, sha256):
-        if is_local(url):
-            if verify:
-                verify_shard_checksum(url, sha256)
-            return open(local_path(url), "rb")
-        if cache_dir is not None:
-            cached = str(Path(cache_dir) / f"{sha256}.tar")
-            if os.path.isfile(cached):
-                try:
-                    verify_shard_checksum(cached, sha256)  # hashed once per process
-                    return open(cached, "rb")
-                except DataError:
-                    os.unlink(cached)  # damaged since it was cached: fetch it again
-            download_to_file(url, sha256, cached)
-            return open(cached, "rb")
-        if verify:
-            return download_to_spool(url, sha256)
-        return open_url(url)
-
-
-# -------------------------------------------------------------- shard reading
-def _parse_label(shard: str, key: str, data: bytes) -> int:
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        text = None
-    if text is None or not _LABEL_RE.match(text):
-        raise DataError(f"shard {shard}: sample {key!r} has a 'cls' member that is not an "
-                        f"ASCII integer ({data[:20]!r}); {REBUILD_HINT}")
-    return int(text)
-
-
-def _finish_sample(shard: str, key: str, members: dict[str, bytes],
-                   allowed_classes: set[int] | None) -> RawSample:
-    images = [ext for ext in members if ext in IMAGE_FORMATS]
-    if len(images) != 1 or LABEL_EXTENSION not in members:
-        raise DataError(f"shard {shard}: sample {key!r} must have exactly one image "
-                        f"(png/jpg/jpeg/webp) and one 'cls' member, has "
-                        f"{sorted(members) or 'none'}; {REBUILD_HINT}")
-    label = _parse_label(shard, key, members[LABEL_EXTENSION])
-    if allowed_classes is not None and label not in allowed_classes:
-        raise DataError(f"shard {shard}: sample {key!r} has label {label}, which is not one "
-                        f"of this task's classes {sorted(allowed_classes)}; {REBUILD_HINT}")
-    return RawSample(shard=shard, key=key, image_bytes=members[images[0]],
-                     image_format=IMAGE_FORMATS[images[0]], label=label)
-
-
-def iter_shard(url: str, allowed_classes: Iterable[int] | None = None,
-               expected_count: int | None = None,
-               stream: BinaryIO | None = None,
-               max_member_bytes: int | None = None) -> Iterator[RawSample]:
-    """Yield the samples of one shard, validated but with images still encoded.
-
-    `stream` is the shard already opened (see `open_shard`; it is closed here), else `url` is
-    opened without a checksum check. Raises DataError (naming the shard) for unknown members,
-    members over `max_member_bytes` (None: the default cap) or of another tar type, bad or
-    foreign labels, a truncated/corrupt/compressed tar, or a sample count other than
-    `expected_count`.
-    """
-    allowed = set(allowed_classes) if allowed_classes is not None else None
-    seen_keys: set[str] = set()
-    count = 0
-    key, members = None, {}
-    if stream is None:
-        with _shard_read_errors(url):
-            stream = open_url(url)
-    try:
-        for info, read in iter_plain_tar(stream, max_member_bytes):
-            name = info.name
-            member_key, ext = base_plus_ext(name)
-            if member_key is None:
-                raise DataError(f"shard {url}: member {name!r} has no extension; cldist "
-                                f"reads only images and 'cls' labels; {REBUILD_HINT}")
-            ext = ext.lower()
-            if ext not in IMAGE_FORMATS and ext != LABEL_EXTENSION:
-                # Checked before the member is even read: pickles are never loaded.
-                raise DataError(f"shard {url}: sample {member_key!r} has a member of type "
-                                f"'.{ext}' ({name}); cldist reads only png/jpg/jpeg/webp "
-                                f"images and 'cls' labels and never unpickles; "
-                                f"{REBUILD_HINT}")
-            if member_key != key:
-                if key is not None:
-                    yield _finish_sample(url, key, members, allowed)
-                    count += 1
-                if member_key in seen_keys:
-                    raise DataError(f"shard {url}: key {member_key!r} appears in two "
-                                    f"places; {REBUILD_HINT}")
-                seen_keys.add(member_key)
-                key, members = member_key, {}
-            if ext in members:
-                raise DataError(f"shard {url}: sample {key!r} has two '.{ext}' members; "
-                                f"{REBUILD_HINT}")
-            if ext == LABEL_EXTENSION and info.size > MAX_LABEL_BYTES:
-                raise DataError(f"shard {url}: sample {key!r} has a label too long: its "
-                                f"'cls' member is {info.size} bytes, where a class id "
-                                f"takes at most {MAX_LABEL_BYTES}; {REBUILD_HINT}")
-            members[ext] = read()
-        if key is not None:
-            yield _finish_sample(url, key, members, allowed)
-            count += 1
-    except DataError:
-        raise
-    except ShardFormatError as exc:
-        raise DataError(f"shard {url} {exc}; {REBUILD_HINT}") from None
-    except Exception as exc:  # tarfile/gzip/OS errors: the shard is truncated or corrupt
-        reason = str(exc.args[0]) if exc.args else type(exc).__name__
-        raise DataError(f"shard {url} is truncated or corrupt ({type(exc).__name__}: "
-                        f"{reason}); {REBUILD_HINT}") from None
-    finally:
-        stream.close()
-    if expected_count is not None and count != expected_count:
-        raise DataError(f"shard {url} holds {count} samples but the manifest says "
-                        f"{expected_count}: it is truncated or was replaced; {REBUILD_HINT}")
-
-
-def decode_image(sample: RawSample) -> Image.Image:
-    """Decode a sample's image with the one PIL format its extension names; images past
-    PIL's decompression-bomb limit are refused, not just warned about."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(sample.image_bytes), formats=[sample.image_format])
-            image.load()
-    except Exception as exc:
-        raise DataError(f"shard {sample.shard}: sample {sample.key!r}: its "
-                        f"{sample.image_format} image cannot be decoded ({exc}); "
-                        f"{REBUILD_HINT}") from None
-    return image
 
 
 # ------------------------------------------------------------ task streaming

@@ -17,9 +17,17 @@ through a shell), no `ftp:`, no unknown scheme.
 `download_to_spool` / `download_to_file` copy a remote shard while hashing it, so a shard is
 downloaded once, checked against its manifest sha256, and only then parsed (with a cache
 directory the copy is kept for the next epoch or run, named by its sha256).
+
+Shard access: `open_shard` is how readers open a shard. When asked to verify, it checks the
+shard against its manifest sha256 before anything in it is parsed: a local shard once per
+process (`verify_shard_checksum`, cached by path, size and mtime), a remote one as it is
+downloaded (into a temporary spool, or into the shard cache directory - `cache_dir`, default
+$CLDIST_SHARD_CACHE - where it is kept under its sha256 and read locally from then on). Every
+failure to read a shard is one DataError naming it and the fix (`shard_read_errors`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -278,3 +286,98 @@ def download_to_file(url: str, expected_sha256: str, target: str | os.PathLike) 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# ------------------------------------------------------------------ shard access
+REBUILD_HINT = ("rebuild the dataset with `cldist data build` or run "
+                 "`cldist data verify DIR` to list every damaged shard")
+_verified_shards: dict[tuple, str] = {}
+
+
+@contextlib.contextmanager
+def shard_read_errors(url: str, sha256: str | None = None):
+    """Any failure to read shard `url` as one DataError naming it and the fix."""
+    try:
+        yield
+    except ChecksumMismatch as exc:
+        raise _checksum_error(url, exc.actual, sha256) from None
+    except FileNotFoundError:
+        raise DataError(f"shard {url} is missing; {REBUILD_HINT}") from None
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"shard {url} cannot be read ({exc}); {REBUILD_HINT}") from None
+
+
+def _checksum_error(url: str, actual: str, expected: str) -> DataError:
+    return DataError(f"shard {url} fails its checksum (sha256 {actual[:16]}..., manifest "
+                     f"says {expected[:16]}...): it is corrupt or changed since the build; "
+                     f"{REBUILD_HINT}")
+
+
+def shard_sha256(url: str, chunk_size: int = 1 << 20) -> str:
+    """The sha256 of a shard at a local path or URL (DataError if it cannot be read)."""
+    digest = hashlib.sha256()
+    with shard_read_errors(url):
+        with open_url(url) as stream:
+            while chunk := stream.read(chunk_size):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> str | None:
+    """The shard cache directory from $CLDIST_SHARD_CACHE (None when unset or empty)."""
+    return os.environ.get(SHARD_CACHE_ENV) or None
+
+
+def verify_shard_checksum(url: str, expected_sha256: str) -> None:
+    """Check a shard against its manifest sha256, once per process per (path, size, mtime).
+
+    A remote shard is downloaded to check it; with a shard cache ($CLDIST_SHARD_CACHE) the
+    download is kept, so a pre-flight check also fills the cache.
+    """
+    if not is_local(url) and default_cache_dir() is not None:
+        open_shard(url, expected_sha256, True, default_cache_dir()).close()
+        return
+    if is_local(url):
+        try:
+            stat_result = os.stat(local_path(url))
+        except FileNotFoundError:
+            raise DataError(f"shard {url} is missing; {REBUILD_HINT}") from None
+        cache_key = (url, expected_sha256, stat_result.st_size, stat_result.st_mtime_ns)
+    else:
+        cache_key = (url, expected_sha256)
+    if cache_key in _verified_shards:
+        return
+    actual = shard_sha256(url)
+    if actual != expected_sha256:
+        raise _checksum_error(url, actual, expected_sha256)
+    _verified_shards[cache_key] = actual
+
+
+def open_shard(url: str, sha256: str, verify: bool = True,
+               cache_dir: str | os.PathLike | None = None) -> BinaryIO:
+    """A read stream over the shard at `url`, checked against `sha256` first when `verify`.
+
+    Remote shards are downloaded once: into `cache_dir/<sha256>.tar` when a cache directory is
+    given (always checked, since the file is named by its checksum), else into a temporary
+    spool when `verify`, else streamed straight from the URL.
+    """
+    with shard_read_errors(url, sha256):
+        if is_local(url):
+            if verify:
+                verify_shard_checksum(url, sha256)
+            return open(local_path(url), "rb")
+        if cache_dir is not None:
+            cached = str(Path(cache_dir) / f"{sha256}.tar")
+            if os.path.isfile(cached):
+                try:
+                    verify_shard_checksum(cached, sha256)  # hashed once per process
+                    return open(cached, "rb")
+                except DataError:
+                    os.unlink(cached)  # damaged since it was cached: fetch it again
+            download_to_file(url, sha256, cached)
+            return open(cached, "rb")
+        if verify:
+            return download_to_spool(url, sha256)
+        return open_url(url)

@@ -1,4 +1,4 @@
-"""Deterministic webdataset shard writing.
+"""Webdataset shards: deterministic writing, strict reading.
 
 A shard is a plain (uncompressed, USTAR) tar in webdataset layout: every sample is the
 members `KEY.png` (PNG bytes; or `KEY.jpg` / `KEY.webp` when an original file is stored as it
@@ -15,20 +15,33 @@ Reading (`iter_plain_tar`) accepts exactly what is written here: an uncompressed
 regular members (no compression, sparse files, links, devices, directories or pax/GNU
 extension headers), each at most `max_member_bytes` as its header says - checked before a
 byte of the member is read, so a tiny hostile file cannot make a reader allocate gigabytes.
+
+Samples (`iter_shard`) are grouped from the members strictly: a sample must be exactly one
+image (`png`/`jpg`/`jpeg`/`webp`, decoded by `decode_image` with PIL restricted to that format,
+decompression bombs refused) and one `cls` (ASCII decimal class id, at most MAX_LABEL_BYTES).
+Any other member - `.pyd`, `.pkl`, `.pth`, a name without an extension, a link, device,
+directory or sparse file - is a `DataError` naming the shard and the key. Nothing is ever
+unpickled. A label outside the task's classes, a truncated or corrupt tar, or a sample count
+that differs from the manifest is likewise a `DataError` naming the shard.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+import re
 import tarfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
-from cldist.data.manifest import ShardInfo
+from cldist.data.remote import REBUILD_HINT, open_url, shard_read_errors
+from cldist.errors import DataError
 
 # Fixed header fields: the archive depends on the samples alone.
 _TAR_MTIME = 0
@@ -36,11 +49,15 @@ _TAR_MODE = 0o444
 _PNG_COMPRESS_LEVEL = 6
 # Member extension the builder writes -> the PIL format readers decode it with.
 STORED_IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
+# Member extension a reader accepts -> the only PIL format allowed to decode it.
+IMAGE_FORMATS = {**STORED_IMAGE_FORMATS, "jpeg": "JPEG"}
+LABEL_EXTENSION = "cls"
 # The largest member a reader accepts (override: scenario.max_member_bytes): far above any real
 # image (a 4000 x 3000 PNG is ~ 20 MiB), far below what would exhaust a worker's memory.
 MAX_MEMBER_BYTES = 64 << 20
 MAX_LABEL_BYTES = 20  # a `cls` member: an ASCII class id, a few digits
 _BLOCK = tarfile.BLOCKSIZE
+_LABEL_RE = re.compile(r"^\s*-?[0-9]+\s*$")
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"\xfd7zXZ\x00": "xz", b"BZh": "bzip2",
                b"\x28\xb5\x2f\xfd": "zstd", b"\x5d\x00\x00": "lzma"}
 _MEMBER_KINDS = {
@@ -221,29 +238,122 @@ def read_shard_index(path: str | os.PathLike) -> list[tuple[str, int]] | None:
     return index
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+# -------------------------------------------------------------- shard reading
+@dataclass(frozen=True)
+class RawSample:
+    """One sample as read from a shard: image bytes not yet decoded."""
+
+    shard: str  # the shard's URL or path, for error messages
+    key: str
+    image_bytes: bytes
+    image_format: str  # the PIL format name that may decode it
+    label: int  # original class id
 
 
-def write_task_shards(out_dir: str | os.PathLike, split: str, task_id: int,
-                      samples: Iterable[tuple[str, bytes, int]],
-                      shard_max_samples: int) -> list[ShardInfo]:
-    """Write one task's split as shards of at most `shard_max_samples` samples each."""
-    if shard_max_samples < 1:
-        raise ValueError(f"shard_max_samples must be >= 1, got {shard_max_samples}")
-    out_dir = Path(out_dir)
-    (out_dir / split).mkdir(parents=True, exist_ok=True)
-    shards = []
-    for index, chunk in enumerate(_chunks(samples, shard_max_samples)):
-        relpath = shard_relpath(split, task_id, index)
-        target = out_dir / relpath
-        count = write_shard(target, chunk)
-        shards.append(ShardInfo(path=relpath, sha256=sha256_file(target), n_samples=count))
-    return shards
+def _parse_label(shard: str, key: str, data: bytes) -> int:
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or not _LABEL_RE.match(text):
+        raise DataError(f"shard {shard}: sample {key!r} has a 'cls' member that is not an "
+                        f"ASCII integer ({data[:20]!r}); {REBUILD_HINT}")
+    return int(text)
+
+
+def _finish_sample(shard: str, key: str, members: dict[str, bytes],
+                   allowed_classes: set[int] | None) -> RawSample:
+    images = [ext for ext in members if ext in IMAGE_FORMATS]
+    if len(images) != 1 or LABEL_EXTENSION not in members:
+        raise DataError(f"shard {shard}: sample {key!r} must have exactly one image "
+                        f"(png/jpg/jpeg/webp) and one 'cls' member, has "
+                        f"{sorted(members) or 'none'}; {REBUILD_HINT}")
+    label = _parse_label(shard, key, members[LABEL_EXTENSION])
+    if allowed_classes is not None and label not in allowed_classes:
+        raise DataError(f"shard {shard}: sample {key!r} has label {label}, which is not one "
+                        f"of this task's classes {sorted(allowed_classes)}; {REBUILD_HINT}")
+    return RawSample(shard=shard, key=key, image_bytes=members[images[0]],
+                     image_format=IMAGE_FORMATS[images[0]], label=label)
+
+
+def iter_shard(url: str, allowed_classes: Iterable[int] | None = None,
+               expected_count: int | None = None,
+               stream: BinaryIO | None = None,
+               max_member_bytes: int | None = None) -> Iterator[RawSample]:
+    """Yield the samples of one shard, validated but with images still encoded.
+
+    `stream` is the shard already opened (see `open_shard`; it is closed here), else `url` is
+    opened without a checksum check. Raises DataError (naming the shard) for unknown members,
+    members over `max_member_bytes` (None: the default cap) or of another tar type, bad or
+    foreign labels, a truncated/corrupt/compressed tar, or a sample count other than
+    `expected_count`.
+    """
+    allowed = set(allowed_classes) if allowed_classes is not None else None
+    seen_keys: set[str] = set()
+    count = 0
+    key, members = None, {}
+    if stream is None:
+        with shard_read_errors(url):
+            stream = open_url(url)
+    try:
+        for info, read in iter_plain_tar(stream, max_member_bytes):
+            name = info.name
+            member_key, ext = base_plus_ext(name)
+            if member_key is None:
+                raise DataError(f"shard {url}: member {name!r} has no extension; cldist "
+                                f"reads only images and 'cls' labels; {REBUILD_HINT}")
+            ext = ext.lower()
+            if ext not in IMAGE_FORMATS and ext != LABEL_EXTENSION:
+                # Checked before the member is even read: pickles are never loaded.
+                raise DataError(f"shard {url}: sample {member_key!r} has a member of type "
+                                f"'.{ext}' ({name}); cldist reads only png/jpg/jpeg/webp "
+                                f"images and 'cls' labels and never unpickles; "
+                                f"{REBUILD_HINT}")
+            if member_key != key:
+                if key is not None:
+                    yield _finish_sample(url, key, members, allowed)
+                    count += 1
+                if member_key in seen_keys:
+                    raise DataError(f"shard {url}: key {member_key!r} appears in two "
+                                    f"places; {REBUILD_HINT}")
+                seen_keys.add(member_key)
+                key, members = member_key, {}
+            if ext in members:
+                raise DataError(f"shard {url}: sample {key!r} has two '.{ext}' members; "
+                                f"{REBUILD_HINT}")
+            if ext == LABEL_EXTENSION and info.size > MAX_LABEL_BYTES:
+                raise DataError(f"shard {url}: sample {key!r} has a label too long: its "
+                                f"'cls' member is {info.size} bytes, where a class id "
+                                f"takes at most {MAX_LABEL_BYTES}; {REBUILD_HINT}")
+            members[ext] = read()
+        if key is not None:
+            yield _finish_sample(url, key, members, allowed)
+            count += 1
+    except DataError:
+        raise
+    except ShardFormatError as exc:
+        raise DataError(f"shard {url} {exc}; {REBUILD_HINT}") from None
+    except Exception as exc:  # tarfile/gzip/OS errors: the shard is truncated or corrupt
+        reason = str(exc.args[0]) if exc.args else type(exc).__name__
+        raise DataError(f"shard {url} is truncated or corrupt ({type(exc).__name__}: "
+                        f"{reason}); {REBUILD_HINT}") from None
+    finally:
+        stream.close()
+    if expected_count is not None and count != expected_count:
+        raise DataError(f"shard {url} holds {count} samples but the manifest says "
+                        f"{expected_count}: it is truncated or was replaced; {REBUILD_HINT}")
+
+
+def decode_image(sample: RawSample) -> Image.Image:
+    """Decode a sample's image with the one PIL format its extension names; images past
+    PIL's decompression-bomb limit are refused, not just warned about."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(sample.image_bytes), formats=[sample.image_format])
+            image.load()
+    except Exception as exc:
+        raise DataError(f"shard {sample.shard}: sample {sample.key!r}: its "
+                        f"{sample.image_format} image cannot be decoded ({exc}); "
+                        f"{REBUILD_HINT}") from None
+    return image

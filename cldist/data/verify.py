@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 
-from cldist.data.loader import REBUILD_HINT, decode_image, iter_shard, shard_sha256
 from cldist.data.manifest import SPLITS, Manifest
+from cldist.data.remote import REBUILD_HINT, shard_sha256
+from cldist.data.shards import decode_image, iter_shard
 from cldist.errors import DataError
 
 
@@ -38,7 +39,7 @@ def verify_dataset(directory: str | os.PathLike, decode_images: bool = True,
 
 
 def _problem(relpath: str, exc: DataError) -> str:
-    # The loader's advice to run `cldist data verify` is moot here.
+    # The reader's advice to run `cldist data verify` is moot here.
     return f"{relpath}: {str(exc).removesuffix('; ' + REBUILD_HINT)}"
 
 
