@@ -1,7 +1,8 @@
 """`cldist`: the command line (see CLI.md for the contract).
 
     cldist run [HYDRA OVERRIDES...]          train + evaluate a stream, print the summary table
-    cldist resume RUN_DIR                    continue an interrupted run
+    cldist run --multirun A=x,y B=0,1        a grid of runs side by side (a sweep), compared
+    cldist resume RUN_DIR|SWEEP_DIR          continue an interrupted run, or finish a sweep
     cldist eval RUN_DIR                      re-score a finished run from its run directory
     cldist report RUN_DIR [RUN_DIR...]       report.md + report.html with plots; several = comparison
     cldist data build --source NAME --out DIR [--root PATH] [--tasks N] [--seed S] [--image-size PX]
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "scenario=digits_5t backbone=test_vit runner=inline\n\n"
                                 + _config_help())
     run.add_argument("overrides", nargs="*", help="Hydra overrides KEY=VALUE")
+    run.add_argument("-m", "--multirun", action="store_true",
+                     help="run the grid that comma lists (A=x,y), range(START,STOP) or "
+                          "choice(...) span, side by side on one Ray cluster, into sweep_dir= "
+                          "(default runs/sweep-TIMESTAMP); sweep.baseline='KEY=VALUE' adds the "
+                          "paired per-seed comparison against that configuration")
     res = sub.add_parser("resume", help="continue an interrupted run from its last finished task")
     res.add_argument("run_dir")
     res.add_argument("overrides", nargs="*",
@@ -196,9 +202,16 @@ def _sources() -> list[str]:
     return sorted(SOURCES)
 
 
-def cmd_run(overrides: list[str]) -> int:
+def cmd_run(overrides: list[str], multirun: bool = False) -> int:
     from .config.compose import compose
     from .stream import run_stream
+    from .sweep import is_sweep, run_sweep
+    if multirun:
+        return run_sweep(overrides)
+    swept = is_sweep(overrides)
+    if swept:
+        raise UserError(f"{swept} belongs to a sweep (several values, or a sweep's own key); "
+                        f"add --multirun (-m) to run the grid, or give one value")
     cfg = compose(overrides)
     run_stream(cfg)
     return 0
@@ -273,8 +286,15 @@ def _refuse_resume_overrides(overrides: list[str], allow_lr: bool) -> None:
 
 
 def cmd_resume(run_dir: str, overrides: list[str], allow_lr: bool = False) -> int:
-    from .rundir import require_run_dir, run_dir_lock
+    from .rundir import STATE_FILE, require_run_dir, run_dir_lock
+    from .sweep import SWEEP_FILE, resume_sweep
     _refuse_resume_overrides(overrides, allow_lr)  # the arguments first: nothing read yet
+    if (Path(run_dir) / SWEEP_FILE).is_file() and not (Path(run_dir) / STATE_FILE).exists():
+        if allow_lr:
+            raise UserError(f"{LR_FLAG} applies to one run: `cldist resume "
+                            f"{run_dir}/MEMBER {LR_FLAG} ...` for the member that needs it, "
+                            f"then `cldist resume {run_dir}` for the rest")
+        return resume_sweep(run_dir, overrides)
     require_run_dir(run_dir)  # a foreign directory gets no lock file
     with run_dir_lock(run_dir):  # a second writer is refused until this run ends
         return _resume_locked(run_dir, overrides, allow_lr)
@@ -416,13 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting `resume RUN OVERRIDES...` at a flag: take the overrides
     # after `--allow-lr-change` too (subparsers rule out parse_intermixed_args)
-    if extra and args.command == "resume" and not any(e.startswith("-") for e in extra):
+    # (and `run OVERRIDES... -m OVERRIDES...`)
+    if extra and args.command in ("resume", "run") and not any(e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "run":
-            return cmd_run(args.overrides)
+            return cmd_run(args.overrides, args.multirun)
         if args.command == "resume":
             return cmd_resume(args.run_dir, args.overrides, args.allow_lr_change)
         if args.command == "eval":

@@ -180,12 +180,12 @@ def seed_record(cfg: RunConfig, manifest: Manifest) -> dict:
     }
 
 
-def make_runner(cfg: RunConfig, run_dir: Path, progress: Progress):
+def make_runner(cfg: RunConfig, run_dir: Path, progress: Progress, job_slots=None):
     if cfg.runner == "inline":
         from .runners.inline import InlineRunner
         return InlineRunner(cfg, run_dir, on_epoch=_epoch_printer(progress))
     from .distributed.runner import RayRunner
-    return RayRunner(cfg, run_dir, progress=progress)
+    return RayRunner(cfg, run_dir, progress=progress, job_slots=job_slots)
 
 
 def _epoch_printer(progress: Progress):
@@ -370,11 +370,15 @@ class _Signals:
         raise self.interrupted
 
 
-def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
+def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None, *, job_slots=None,
+               progress_stream=None) -> dict:
     """Train and evaluate the stream `cfg` describes; returns metrics.json's content.
 
     The run directory's lock is held until it returns (cldist.rundir); SIGTERM/SIGINT stop the
-    run at once, recorded as "interrupted" in state.json, and raise Interrupted."""
+    run at once, recorded as "interrupted" in state.json, and raise Interrupted. A sweep
+    (cldist.sweep) runs several streams side by side: `job_slots`, a semaphore its runs share,
+    bounds their Ray jobs together, and `progress_stream` is where this run's progress lines
+    go (default stdout)."""
     signals = _Signals()
     signals.install()
     try:
@@ -386,7 +390,8 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
             run_dir = Path(resume_dir)
             acquire_lock(run_dir)  # re-entrant: `cldist resume` holds it already
         try:
-            return _run_locked(cfg, run_dir, resume_dir is not None, signals)
+            return _run_locked(cfg, run_dir, resume_dir is not None, signals, job_slots,
+                               progress_stream)
         except Interrupted as e:
             e.stopped_run = e.stopped_run or str(run_dir)
             try:  # stopped before the runner existed, or it could not record it
@@ -402,7 +407,8 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None) -> dict:
         signals.restore()
 
 
-def _run_locked(cfg: RunConfig, run_dir: Path, resuming: bool, signals: _Signals) -> dict:
+def _run_locked(cfg: RunConfig, run_dir: Path, resuming: bool, signals: _Signals,
+                job_slots=None, progress_stream=None) -> dict:
     wall_start = time.perf_counter()
     resume_dir = run_dir if resuming else None
     manifest = load_run_manifest(run_dir)
@@ -412,8 +418,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, resuming: bool, signals: _Signals
     if resume_dir is not None:
         for note in prepare_resume(run_dir, deps, n):
             print(f"[resume] {note}", flush=True)
-    progress = Progress(n)
-    runner = make_runner(cfg, run_dir, progress)
+    progress = Progress(n, stream=progress_stream)
+    runner = make_runner(cfg, run_dir, progress, job_slots)
     signals.install()  # again: starting Ray replaced the SIGTERM handler with its own
     coordinator = runner.coordinator  # the one owner of state.json
     coordinator.set("status", "running")

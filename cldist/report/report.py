@@ -500,10 +500,12 @@ def _mean_curve(curves: Sequence[Sequence[float]]) -> tuple[list[float], list[fl
     return means, stds
 
 
-def write_comparison(run_dirs: Sequence[str | Path], out_path: str | Path) -> Path:
+def write_comparison(run_dirs: Sequence[str | Path], out_path: str | Path,
+                     extra_sections: Sequence[Section] = ()) -> Path:
     """Compare runs: `OUT.md` and `OUT.html`, figures under `plots/{OUT stem}_*.png` beside them.
 
-    Returns the markdown path; the HTML is `html_path(...)` of it.
+    `extra_sections` follow the summary table (a sweep's paired differences,
+    cldist.report.paired). Returns the markdown path; the HTML is `html_path(...)` of it.
     """
     if not run_dirs:
         raise UserError("write_comparison needs at least one run directory")
@@ -539,7 +541,8 @@ def write_comparison(run_dirs: Sequence[str | Path], out_path: str | Path) -> Pa
                     for key in ("acc_routed", "acc_ensemble")]
         summary_caption += (" Acc routed / Acc ensemble: a sub-network method's two Class-IL "
                             "rules (Acc is the one its eval.class_il names).")
-    sections = [Section("Summary", summary_caption, table=Table(headers, rows))]
+    sections = [Section("Summary", summary_caption, table=Table(headers, rows)),
+                *extra_sections]
 
     band = "; shaded: ± one standard deviation over seeds" if several_seeds else ""
     accuracy = {}

@@ -144,6 +144,7 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                reduce_mean: Callable | None = None) -> dict:
     """Learn task `job.task_id`; returns its meta (and `staging_dir` on rank 0)."""
     start = time.perf_counter()
+    started_at = time.time()  # wall clock: when tasks of concurrent runs overlapped
     cfg = job.cfg
     device = torch.device(device)
     manifest = load_run_manifest(job.run_dir)
@@ -243,7 +244,8 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                  "train_seconds": time.perf_counter() - start, "world_size": world_size,
                  "setup_seconds": setup_seconds, "rank_allocation_seconds": allocation_seconds[0],
                  "seed": cfg.seed, "data_seed": data_seed, "seeds": task_seeds(cfg.seed, t),
-                 "kernels": kernels(device)})
+                 "kernels": kernels(device), "started_at": started_at,
+                 "finished_at": time.time()})
     if rank == 0:
         root = Path(staging_root) if staging_root else Path(job.run_dir) / "tasks"
         staging = root / f".staging-{t:03d}-{uuid.uuid4().hex[:8]}"
