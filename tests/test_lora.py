@@ -458,3 +458,191 @@ def test_continual_classifier_activates_adapters():
     model.activate(["t000"], ["t000"])
     assert backbone[0].active == ("t000",)
     assert not torch.allclose(model(x), plain)
+
+
+# -- batched branches (lora.BATCH_BRANCHES) equal the per-branch loop ------------------------------
+from cldist.models import lora  # noqa: E402
+
+
+class _Coef:
+    """c = alpha * k (+ a constant): a coefficient with a trainable factor, as SD-LoRA's."""
+
+    def __init__(self, alpha, k, plain=False):
+        self.alpha, self.k, self.plain = alpha, k, plain
+
+    def __call__(self):
+        return float(self.k) if self.plain else self.alpha * self.k + 0.1
+
+
+def _mixed_layer(factory, seed=11, train_base=False):
+    """A layer with every kind of branch: frozen plain (one gated), frozen with coefficients
+    (one a plain float), trainable, and trainable with a trainable gate and a coefficient."""
+    torch.manual_seed(seed)
+    base, x = factory()
+    layer = _wrap(base)
+    for p in layer.base.parameters():
+        p.requires_grad_(train_base)
+    alpha = nn.Parameter(torch.tensor([0.7]))
+    specs = [("f0", 1, 1.0), ("f1", 2, 0.5), ("f2", 1, 2.0), ("c0", 2, 1.0), ("c1", 1, 0.3),
+             ("c2", 1, 1.0), ("t0", 2, 0.5), ("t1", 1, 1.0)]
+    for name, rank, scaling in specs:
+        _set_random(layer, name, rank, scaling)
+    layer.add_gate("f2")
+    layer.add_gate("t1")
+    for name, k in (("c0", 1.5), ("c1", -2.0), ("t1", 0.5)):
+        layer.set_coefficient(name, _Coef(alpha, k))
+    layer.set_coefficient("c2", _Coef(alpha, 0.25, plain=True))
+    for name in ("f0", "f1", "f2", "c0", "c1", "c2"):
+        for d in (layer.lora_A, layer.lora_B, layer.lora_w):
+            if name in d:
+                d[name].requires_grad_(False)
+    layer.active = tuple(name for name, _, _ in specs)
+    return layer, x, alpha
+
+
+def _out_and_grads(layer, x, extra=()):
+    """(y, grads w.r.t. x and every trainable tensor) under the batched and the loop path."""
+    wrt = [p for p in layer.parameters() if p.requires_grad] + list(extra)
+    results = []
+    for batched in (True, False):
+        lora.BATCH_BRANCHES = batched
+        try:
+            xx = x.detach().clone().requires_grad_(True)
+            y = layer(xx)
+            weights = torch.linspace(-1.0, 2.0, y.numel()).reshape(y.shape)
+            grads = torch.autograd.grad((y * weights).sum(), [xx] + wrt, allow_unused=True)
+        finally:
+            lora.BATCH_BRANCHES = True
+        results.append((y.detach(), grads))
+    return results
+
+
+def _assert_batched_equals_loop(layer, x, extra=()):
+    (y, grads), (y_loop, grads_loop) = _out_and_grads(layer, x, extra)
+    torch.testing.assert_close(y, y_loop, atol=1e-4, rtol=1e-5)
+    # the branches must matter, or the equality proves nothing
+    assert (y_loop - layer.base(x)).abs().max() > 1e-2
+    assert len(grads) == len(grads_loop)
+    for g, g_loop in zip(grads, grads_loop):
+        assert (g is None) == (g_loop is None)  # an inactive trainable tensor gets none
+        if g is not None:
+            torch.testing.assert_close(g, g_loop, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen-base", "trained-base"])
+@pytest.mark.parametrize("factory", LAYERS)
+def test_batched_branches_equal_the_loop(factory, train_base):
+    layer, x, alpha = _mixed_layer(factory, train_base=train_base)
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    # the batched path really ran: both groups were concatenated
+    fold, coef = layer._fold_cache, layer._coef_cache
+    assert fold is not None and [k[0] for k in fold[0][0]] == ["f0", "f1", "f2"]
+    assert coef is not None and [k[0] for k in coef[0]] == ["c0", "c1", "c2"]
+    # nothing changed: the next forward reuses both caches
+    layer(x)
+    assert layer._fold_cache is fold and layer._coef_cache is coef
+
+
+@pytest.mark.parametrize("tokens", [1, 64], ids=["factored", "dense"])
+def test_batched_linear_coefficient_paths(tokens):
+    """A Linear adds the coefficient group as B diag(m) (A x) for few tokens, folds it into the
+    weight for many: both equal the loop."""
+    layer, _, alpha = _mixed_layer(_linear)
+    _assert_batched_equals_loop(layer, torch.randn(tokens, 12), extra=[alpha])
+
+
+@pytest.mark.parametrize("factory", LAYERS)
+def test_batched_cache_follows_every_change(factory):
+    layer, x, alpha = _mixed_layer(factory)
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    # a coefficient's trainable scalar moves (an optimiser step)
+    with torch.no_grad():
+        alpha.mul_(-3.0)
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    # frozen weights replaced in place
+    _set_random_weights = lambda n: layer.set_adapter_weights(  # noqa: E731
+        n, torch.randn_like(layer.lora_B[n]), torch.randn_like(layer.lora_A[n]))
+    _set_random_weights("f1")
+    _set_random_weights("c0")
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    with torch.no_grad():
+        layer.lora_w["f2"].mul_(3.0)
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    layer.scaling["f0"] = 4.0
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    # the active set changes
+    layer.active = ("f2", "f0", "c1", "t0", "c0")
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    layer.active = ("f1", "f2", "c2", "t1", "c1", "f0", "c0")
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    # a coefficient removed (the branch moves to the folded group) and added back
+    layer.set_coefficient("c0", None)
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    layer.set_coefficient("f1", _Coef(alpha, 3.0))
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    # a gate added to a folded branch
+    layer.add_gate("f0")
+    layer.lora_w["f0"].requires_grad_(False)
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    # trainable flags change: the trained branch freezes, a frozen one trains
+    for p in (layer.lora_A["t0"], layer.lora_B["t0"]):
+        p.requires_grad_(False)
+    layer.lora_B["f2"].requires_grad_(True)
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    # a branch removed, one re-created under the same name, two merged into the base weight
+    layer.remove_adapter("c2")
+    layer.remove_adapter("f1")
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    _set_random(layer, "f1", 2, 0.5)
+    layer.lora_A["f1"].requires_grad_(False)
+    layer.lora_B["f1"].requires_grad_(False)
+    layer.active = layer.active + ("f1",)
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    layer.merge(["f0", "f1"])
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    # the base weight changes under an unchanged folded group (a merge of other branches)
+    layer.active = ("c0", "t0", "t1", "c1")
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    assert [k[0] for k in layer._fold_cache[0][0]] == ["c0", "t0"]
+    layer.merge(["c1"])
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    # the base weight starts training (its gradient must flow through the folded weight)
+    layer.base.weight.requires_grad_(True)
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+
+
+def test_batched_after_training_steps_and_freeze():
+    """The trained branch moves every step (loop path); once frozen it is folded with its
+    trained values, not stale ones."""
+    layer, x, alpha = _mixed_layer(_linear)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad] + [alpha], lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).pow(2).mean().backward()
+        opt.step()
+    for name in ("t0", "t1"):
+        for d in (layer.lora_A, layer.lora_B, layer.lora_w):
+            if name in d:
+                d[name].requires_grad_(False)
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    assert "t0" in [k[0] for k in layer._fold_cache[0][0]]
+
+
+@pytest.mark.parametrize("factory", [_linear, _conv])
+def test_batched_lone_branch_and_copies(factory):
+    layer, x, alpha = _mixed_layer(factory)
+    # one branch of a group runs as before: bit-identical to the loop
+    layer.active = ("f0", "t0", "c0")
+    (y, _), (y_loop, _) = _out_and_grads(layer, x, [alpha])
+    assert torch.equal(y, y_loop)
+    # a cache built in inference mode serves a training forward; a copy rebuilds its own
+    layer.active = ("f0", "f1", "c0", "c1", "t0")
+    with torch.inference_mode():
+        layer(x)
+    _assert_batched_equals_loop(layer, x, extra=[alpha])
+    twin = copy.deepcopy(layer)
+    assert twin._fold_cache is None and twin._coef_cache is None
+    with torch.no_grad():
+        twin.lora_A["f0"].mul_(2.0)
+    assert not torch.allclose(twin(x), layer(x))
+    _assert_batched_equals_loop(twin, x)

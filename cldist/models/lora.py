@@ -16,6 +16,25 @@ exactly the above):
   at every forward): the branch is multiplied by c_a (SD-LoRA's trainable magnitude divided by the
   frozen direction's norm).
 
+Batched forward (`BATCH_BRANCHES`, on by default): the sum above is regrouped so a layer's cost
+does not grow with the number of active branches; the result is the same up to float rounding.
+- trainable branches (A, B or the gate requires grad): one by one, as written above (the
+  "loop" path), so their gradients are the ordinary ones;
+- frozen branches without a coefficient, when two or more are active: folded once into
+  W_eff = W + sum_a s_a B_a diag(w_a) A_a, cached and rebuilt only when the set of such branches,
+  one of their tensors (identity or in-place version), a scaling or the base weight changes;
+  the layer then runs one base-sized matmul / conv whatever their number;
+- frozen branches with a coefficient, when two or more are active: A_cat = [A_a] (R x fan_in)
+  and B_cat = [s_a B_a diag(w_a)] (out x R) are cached the same way; each forward evaluates the
+  coefficients c_a (the callables may depend on trainable scalars) and expands them to one
+  factor per rank component, m = (c_a repeated r_a times), then adds
+  B_cat diag(m) A_cat x (factored) or folds (B_cat diag(m)) A_cat into the weight (dense, when
+  that is cheaper: always for Conv2d, for a Linear once tokens * (in + out) >= in * out), both
+  with autograd through m, so the coefficients get their gradients.
+A lone branch of a group takes the loop path (bit-identical to the unbatched layer, and nothing
+to rebuild when a method switches between single sub-networks). `BATCH_BRANCHES = False` keeps
+the per-branch loop everywhere (the benchmark's "before").
+
 Per-task batch-norm (`TaskBatchNorm2d`) follows the same keying: PEARL's CNN sub-networks each
 own their norm layers. Only one norm branch can be active; with none active the base norm runs.
 """
@@ -29,6 +48,10 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame
 from timm.layers.conv2d_same import conv2d_same
 from torch import nn
+
+
+# False: every active branch runs one by one (the unbatched layer, kept for `cldist bench layers`)
+BATCH_BRANCHES = True
 
 
 def _flat_shape(weight: torch.Tensor) -> tuple[int, int]:
@@ -56,6 +79,9 @@ class LoRALayer(nn.Module):
         # optional extras (see the module docstring): per-component gates, dynamic coefficients
         self.lora_w = nn.ParameterDict()
         self.coefficients: dict[str, Callable[[], torch.Tensor | float]] = {}
+        # batched forward: (key, tensors the key's ids refer to, cached tensors) or None
+        self._fold_cache: tuple | None = None
+        self._coef_cache: tuple | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -159,6 +185,87 @@ class LoRALayer(nn.Module):
             total = total + self.delta_matrix(n)
         return total.reshape(w.shape)
 
+    # -- batched forward (module docstring) ------------------------------------------------
+    def __getstate__(self):
+        # the caches are derived data: a copy (deepcopy, Ray) rebuilds them from its own tensors
+        state = self.__dict__.copy()
+        state["_fold_cache"] = state["_coef_cache"] = None
+        return state
+
+    def _trainable(self, name: str) -> bool:
+        return (self.lora_A[name].requires_grad or self.lora_B[name].requires_grad
+                or (name in self.lora_w and self.lora_w[name].requires_grad))
+
+    def _groups(self) -> tuple[list[str], list[str], list[str]]:
+        """(loop, fold, coef): the active branches by path. A group of one joins the loop, which
+        keeps the order of `active` (so one or two branches compute exactly as unbatched)."""
+        names = [n for n in self.active if n in self.lora_A]
+        if not BATCH_BRANCHES:
+            return names, [], []
+        fold, coef = [], []
+        for n in names:
+            if not self._trainable(n):
+                (coef if n in self.coefficients else fold).append(n)
+        fold = fold if len(fold) > 1 else []
+        coef = coef if len(coef) > 1 else []
+        batched = set(fold) | set(coef)
+        return [n for n in names if n not in batched], fold, coef
+
+    def _branch_key(self, names: list[str]) -> tuple[tuple, list[torch.Tensor]]:
+        """What the cached concatenation of `names` depends on: each branch's tensors by identity
+        and in-place version (an optimiser step, copy_, load_state_dict bump it) and its scaling.
+        The ids stay valid because the cache keeps the tensors alive (no id reuse)."""
+        key, refs = [], []
+        for n in names:
+            A, B = self.lora_A[n], self.lora_B[n]
+            w = self.lora_w[n] if n in self.lora_w else None
+            key.append((n, self.scaling[n], id(A), A._version, id(B), B._version,
+                        None if w is None else (id(w), w._version)))
+            refs += [A, B] if w is None else [A, B, w]
+        return tuple(key), refs
+
+    def _concat(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_cat = [A_a] (R x fan_in), B_cat = [s_a B_a diag(w_a)] (out x R), no gradient."""
+        A = torch.cat([self.lora_A[n].detach() for n in names])
+        B = torch.cat([self.scaling[n] * self._gated_B(n).detach() for n in names], dim=1)
+        return A, B
+
+    def _folded_weight(self, fold: list[str]) -> torch.Tensor:
+        """W + sum_{a in fold} s_a B_a diag(w_a) A_a as an (out, fan_in) matrix; cached (with the
+        gradient path through W kept when W itself trains)."""
+        W = self.base.weight
+        key, refs = self._branch_key(fold)
+        w_key = (id(W), W._version, W.requires_grad, W.dtype, W.device)
+        cache = self._fold_cache
+        if cache is None or cache[0] != (key, w_key):
+            with torch.inference_mode(False), torch.no_grad():
+                A, B = self._concat(fold)
+                delta = B @ A
+                flat = W.detach().reshape(delta.shape)
+                # a trainable W: cache only the delta and add it with autograd below
+                cached = delta if W.requires_grad else flat + delta
+            cache = self._fold_cache = ((key, w_key), refs + [W], cached)
+        if W.requires_grad:
+            return W.reshape(cache[2].shape) + cache[2]
+        return cache[2]
+
+    def _coef_factors(self, coef: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A_cat, B_cat, m): the cached concatenation of `coef` and this forward's factor per
+        rank component, m = (c_a repeated r_a times), with autograd through every c_a."""
+        key, refs = self._branch_key(coef)
+        cache = self._coef_cache
+        if cache is None or cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                A, B = self._concat(coef)
+                ranks = torch.tensor([self.rank(n) for n in coef], device=A.device)
+                index = torch.repeat_interleave(torch.arange(len(coef), device=A.device), ranks)
+            cache = self._coef_cache = (key, refs, (A, B, index))
+        A, B, index = cache[2]
+        values = [self.coefficients[n]() for n in coef]
+        c = torch.stack([torch.as_tensor(v, dtype=A.dtype, device=A.device).reshape(())
+                         for v in values])
+        return A, B, c[index]
+
     def merge(self, names: Sequence[str]) -> None:
         """Fold the branches into the base weight and remove them (no inference overhead)."""
         with torch.no_grad():
@@ -172,18 +279,38 @@ class LoRALinear(LoRALayer):
         super().__init__(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        for name in self.active:
-            if name in self.lora_A:
-                if name not in self.lora_w and name not in self.coefficients:
-                    # low-rank path: never materialise B A for a Linear
-                    y = y + self.scaling[name] * F.linear(F.linear(x, self.lora_A[name]),
-                                                          self.lora_B[name])
-                    continue
-                h = F.linear(x, self.lora_A[name])
-                if name in self.lora_w:
-                    h = h * self.lora_w[name]
-                y = y + self._factor(name) * F.linear(h, self.lora_B[name])
+        loop, fold, coef = self._groups()
+        if not fold and not coef:
+            return self._forward_loop(x, loop)
+        weight = self._folded_weight(fold) if fold else self.base.weight
+        factored = None
+        if coef:
+            A, B, m = self._coef_factors(coef)
+            tokens = x.numel() // x.shape[-1]
+            if tokens * (A.shape[1] + B.shape[0]) >= A.shape[1] * B.shape[0]:
+                weight = weight + (B * m) @ A  # dense: cheaper than the factored pair here
+            else:
+                factored = (A, B, m)
+        y = F.linear(x, weight, self.base.bias)
+        if factored is not None:
+            A, B, m = factored
+            y = y + F.linear(F.linear(x, A) * m, B)
+        return self._forward_loop(x, loop, y)
+
+    def _forward_loop(self, x: torch.Tensor, names: Sequence[str],
+                      y: torch.Tensor | None = None) -> torch.Tensor:
+        """y (default W x + b) plus the branches `names`, one by one (the unbatched layer)."""
+        y = self.base(x) if y is None else y
+        for name in names:
+            if name not in self.lora_w and name not in self.coefficients:
+                # low-rank path: never materialise B A for a Linear
+                y = y + self.scaling[name] * F.linear(F.linear(x, self.lora_A[name]),
+                                                      self.lora_B[name])
+                continue
+            h = F.linear(x, self.lora_A[name])
+            if name in self.lora_w:
+                h = h * self.lora_w[name]
+            y = y + self._factor(name) * F.linear(h, self.lora_B[name])
         return y
 
 
@@ -192,10 +319,18 @@ class LoRAConv2d(LoRALayer):
         super().__init__(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        names = [n for n in self.active if n in self.lora_A]
-        if not names:
+        loop, fold, coef = self._groups()
+        if not loop and not fold and not coef:
             return self.base(x)
-        weight = self.base.weight + self.delta_weight(names)
+        if fold:
+            weight = self._folded_weight(fold).reshape(self.base.weight.shape)
+        else:
+            weight = self.base.weight
+        if coef:
+            A, B, m = self._coef_factors(coef)
+            weight = weight + ((B * m) @ A).reshape(weight.shape)
+        if loop:
+            weight = weight + self.delta_weight(loop)
         b = self.base
         if isinstance(b, Conv2dSame):
             # timm's tf_* convs pad 'same' dynamically from the input size
