@@ -20,13 +20,9 @@ from PIL import Image
 
 from cldist.data import (
     Manifest,
-    TaskStream,
+    TaskReader,
     build_dataset,
-    iter_task_samples,
-    load_task_tensors,
     make_transform,
-    num_batches,
-    task_batches,
     verify_dataset,
 )
 from cldist.data.shards import sha256_file
@@ -70,8 +66,8 @@ def _png(value: int = 128, size: int = 8, mode: str = "L") -> bytes:
     return buffer.getvalue()
 
 
-def _all_keys(manifest, task_id, split, **kw) -> list[str]:
-    return [s.key for s in iter_task_samples(manifest, task_id, split, **kw)]
+def _all_keys(manifest, task_id, split, epoch=0, **kw) -> list[str]:
+    return [s.key for s in TaskReader(manifest, task_id, split, **kw).samples(epoch)]
 
 
 # ------------------------------------------------------------------- round trip
@@ -89,7 +85,7 @@ def test_round_trip_counts_and_stream_labels(digits_dir):
         assert [manifest.stream_label(c) for c in task.classes] == \
             manifest.task_stream_labels(task.task_id)
         for split, expected in (("train", task.n_train), ("test", task.n_test)):
-            images, labels = load_task_tensors(manifest, task.task_id, split, transform)
+            images, labels = TaskReader(manifest, task.task_id, split, transform).tensors()
             assert images.shape == (expected, 3, 8, 8) and images.dtype == torch.float32
             assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
             assert labels.dtype == torch.long
@@ -103,12 +99,13 @@ def test_round_trip_counts_and_stream_labels(digits_dir):
 def test_task_batches_yields_every_sample_once(digits_dir):
     manifest = Manifest.load(digits_dir)
     transform = make_transform(16, channels=1)
-    batches = list(task_batches(manifest, 1, "train", 7, transform))
+    reader = TaskReader(manifest, 1, "train", transform)
+    batches = list(reader.batches(7))
     assert [len(labels) for _, labels in batches] == [7, 7, 7, 3]
     assert batches[0][0].shape == (7, 1, 16, 16)
-    assert num_batches(manifest, 1, "train", 7) == 4
-    dropped = list(task_batches(manifest, 1, "train", 7, transform, drop_last=True))
-    assert len(dropped) == 3 == num_batches(manifest, 1, "train", 7, drop_last=True)
+    assert reader.num_batches(7) == 4
+    dropped = list(reader.batches(7, drop_last=True))
+    assert len(dropped) == 3 == reader.num_batches(7, drop_last=True)
 
 
 def test_shuffle_depends_on_seed_and_epoch_only(digits_dir):
@@ -182,7 +179,7 @@ def test_checksum_failure_names_the_shard(digits_copy):
     data[700] ^= 0xFF  # inside the first member's PNG bytes
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match="fails its checksum") as info:
-        load_task_tensors(manifest, 0, "train", make_transform(8, 1))
+        TaskReader(manifest, 0, "train", make_transform(8, 1)).tensors()
     assert shard.path in str(info.value) and "cldist data verify" in str(info.value)
     problems = verify_dataset(digits_copy)
     assert len(problems) >= 1 and all(p.startswith(shard.path) for p in problems)
@@ -203,8 +200,8 @@ def test_truncated_shard_names_the_shard(digits_copy, cut):
     path.write_bytes(data[:keep])
     for verify in (True, False):
         with pytest.raises(DataError) as info:
-            list(task_batches(manifest, 1, "test", 4, make_transform(8, 1),
-                              verify_checksums=verify))
+            list(TaskReader(manifest, 1, "test", make_transform(8, 1),
+                            verify_checksums=verify).batches(4))
         assert shard.path in str(info.value)
     assert verify_dataset(digits_copy)
 
@@ -214,7 +211,7 @@ def test_missing_shard_reported(digits_copy):
     shard = manifest.tasks[4].train[2]
     (digits_copy / shard.path).unlink()
     with pytest.raises(DataError, match="is missing"):
-        load_task_tensors(manifest, 4, "train", make_transform(8, 1))
+        TaskReader(manifest, 4, "train", make_transform(8, 1)).tensors()
     problems = verify_dataset(digits_copy)
     assert len(problems) == 1 and problems[0].startswith(shard.path)
 
@@ -234,7 +231,7 @@ def test_pickle_member_is_refused_without_unpickling(digits_copy, tmp_path):
     ])
     manifest = Manifest.load(digits_copy)
     with pytest.raises(DataError, match=r"'\.pyd'") as info:
-        load_task_tensors(manifest, 0, "train", make_transform(8, 1))
+        TaskReader(manifest, 0, "train", make_transform(8, 1)).tensors()
     assert relpath in str(info.value) and "'b'" in str(info.value)
     assert not sentinel.exists()
     assert any(relpath in p and ".pyd" in p for p in verify_dataset(digits_copy))
@@ -249,7 +246,7 @@ def test_label_outside_the_task_is_refused(digits_copy):
     ])
     manifest = Manifest.load(digits_copy)
     with pytest.raises(DataError, match=f"label {foreign}") as info:
-        list(task_batches(manifest, 0, "train", 8, make_transform(8, 1)))
+        list(TaskReader(manifest, 0, "train", make_transform(8, 1)).batches(8))
     assert relpath in str(info.value) and "'bad'" in str(info.value)
 
 
@@ -258,11 +255,11 @@ def test_non_integer_label_and_undecodable_image(digits_copy):
     own = manifest.tasks[0].classes[0]
     _replace_first_train_shard(digits_copy, [("x.png", _png()), ("x.cls", b"four")])
     with pytest.raises(DataError, match="not an ASCII integer"):
-        load_task_tensors(Manifest.load(digits_copy), 0, "train", make_transform(8, 1))
+        TaskReader(Manifest.load(digits_copy), 0, "train", make_transform(8, 1)).tensors()
     _replace_first_train_shard(digits_copy, [("y.png", b"not a png"),
                                              ("y.cls", str(own).encode())])
     with pytest.raises(DataError, match="cannot be decoded"):
-        load_task_tensors(Manifest.load(digits_copy), 0, "train", make_transform(8, 1))
+        TaskReader(Manifest.load(digits_copy), 0, "train", make_transform(8, 1)).tensors()
 
 
 # ------------------------------------------------------------------ ranks
@@ -275,19 +272,19 @@ def test_two_ranks_see_disjoint_samples_covering_the_task(digits_dir):
     assert sorted(rank0 + rank1) == sorted(_all_keys(manifest, 2, "train"))
     # 3 ranks over 24 samples: batch counts agree under drop_last and nothing repeats.
     transform = make_transform(8, 1)
-    counts = [len(list(task_batches(manifest, 2, "train", 3, transform, rank=r, world_size=3,
-                                    drop_last=True, **{k: common[k] for k in ("shuffle", "seed")})))
+    counts = [len(list(TaskReader(manifest, 2, "train", transform, rank=r, world_size=3,
+                                  **{k: common[k] for k in ("shuffle", "seed")}
+                                  ).batches(3, drop_last=True)))
               for r in range(3)]
     assert counts == [2, 2, 2]
 
 
 def test_task_stream_splits_across_dataloader_workers(digits_dir):
     manifest = Manifest.load(digits_dir)
-    stream = TaskStream(manifest, 3, "test", make_transform(8, 1), rank=1, world_size=2)
-    loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2)
+    reader = TaskReader(manifest, 3, "test", make_transform(8, 1), rank=1, world_size=2)
+    loader = torch.utils.data.DataLoader(reader.dataset(), batch_size=4, num_workers=2)
     labels = torch.cat([y for _, y in loader])
-    expected = [manifest.stream_label(s.label)
-                for s in iter_task_samples(manifest, 3, "test", rank=1, world_size=2)]
+    expected = [manifest.stream_label(s.label) for s in reader.samples()]
     assert sorted(labels.tolist()) == sorted(expected) and len(expected) == 4
 
 
@@ -329,7 +326,7 @@ def test_folder_source_with_split_by_class(tmp_path):
     assert manifest.class_names == ["ant", "bee", "cat", "dog"]
     assert manifest.channels == 3 and manifest.image_size == 6
     assert [(t.n_train, t.n_test) for t in manifest.tasks] == [(7, 2), (8, 2)]
-    images, labels = load_task_tensors(manifest, 0, "train", make_transform(6, 3))
+    images, labels = TaskReader(manifest, 0, "train", make_transform(6, 3)).tensors()
     assert images.shape == (7, 3, 6, 6) and sorted(set(labels.tolist())) == [0, 1]
     assert verify_dataset(tmp_path / "out") == []
 
@@ -343,7 +340,7 @@ def test_folder_source_with_train_test_dirs_and_mixed_sizes(tmp_path):
                              image_size=4)
     assert manifest.channels == 1 and manifest.image_size == 4
     assert (manifest.tasks[0].n_train, manifest.tasks[0].n_test) == (6, 3)
-    images, _ = load_task_tensors(manifest, 0, "test", make_transform(4, 1))
+    images, _ = TaskReader(manifest, 0, "test", make_transform(4, 1)).tensors()
     assert images.shape == (3, 1, 4, 4)
 
 
@@ -385,7 +382,7 @@ def test_fashion_mnist_from_fabricated_idx_files(tmp_path):
     assert manifest.class_names[0] == "T-shirt/top" and manifest.class_names[9] == "Ankle boot"
     assert manifest.image_size == 4 and manifest.channels == 1
     assert [(t.n_train, t.n_test) for t in manifest.tasks] == [(15, 10), (15, 10)]
-    images, labels = load_task_tensors(manifest, 1, "test", make_transform(4, 1))
+    images, labels = TaskReader(manifest, 1, "test", make_transform(4, 1)).tensors()
     # Pixels survive the PNG round trip exactly.
     stored = {tuple(np.rint(img.numpy() * 255).astype(int).ravel()) for img in images}
     wanted = {tuple(test_images[i].ravel()) for i in range(len(test_labels))

@@ -31,8 +31,7 @@ from PIL import Image
 import cldist.data.build as build_module
 from cldist.cli import main
 from cldist.data import (
-    Manifest, build_dataset, iter_task_samples, load_task_tensors, make_transform,
-    verify_dataset)
+    Manifest, TaskReader, build_dataset, make_transform, verify_dataset)
 from cldist.data.manifest import ShardInfo
 from cldist.data.shards import sha256_file
 from cldist.errors import ConfigError, DataError
@@ -149,8 +148,8 @@ def domain_il(trees, tmp_path_factory) -> Path:
 
 
 # -------------------------------------------------------------------- checks
-def _keys(manifest, task_id, split, **kw) -> list[str]:
-    return [s.key for s in iter_task_samples(manifest, task_id, split, **kw)]
+def _keys(manifest, task_id, split, epoch=0, **kw) -> list[str]:
+    return [s.key for s in TaskReader(manifest, task_id, split, **kw).samples(epoch)]
 
 
 def _check_dataset(out, n_classes: int, n_tasks: int, seeded: bool = True) -> Manifest:
@@ -207,7 +206,7 @@ def test_imagenet_r_seeded_split_and_original_files(imagenet_r, trees):
     # 30 samples; the GIF in disguise was re-encoded as PNG.
     assert kinds == {"jpg": 29, "png": 1, "cls": 30}
     # Images of different sizes, streamed through the papers' test pipeline.
-    images, labels = load_task_tensors(manifest, 1, "test", make_transform(16, 3, resize=18))
+    images, labels = TaskReader(manifest, 1, "test", make_transform(16, 3, resize=18)).tensors()
     assert images.shape == (2, 3, 16, 16)
     assert sorted(labels.tolist()) == manifest.task_stream_labels(1)
 
@@ -257,7 +256,7 @@ def test_domainnet_domain_incremental_manifest(domain_il):
     assert manifest.class_offsets() == [0, 0, 0]  # one shared label space
     assert all(manifest.task_stream_labels(t) == [0, 1, 2, 3] for t in range(3))
     assert _counts(manifest) == [(12, 4)] * 3
-    _, labels = load_task_tensors(manifest, 2, "train", make_transform(8, 3))
+    _, labels = TaskReader(manifest, 2, "train", make_transform(8, 3)).tensors()
     assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     # Every sample of a task comes from that task's domain (keys index the pooled split).
     data = build_module.load_source("domainnet", Path(manifest.build["root"]),
@@ -291,7 +290,7 @@ def test_cifar100_binary_records_round_trip(trees, tmp_path):
     records = np.frombuffer((trees / "cifar-100-binary" / "test.bin").read_bytes(),
                             np.uint8).reshape(-1, 3074)
     wanted = {records[i, 2:].tobytes() for i in range(len(records)) if records[i, 1] in (0, 1)}
-    images, _ = load_task_tensors(manifest, 0, "test", make_transform(32, 3))
+    images, _ = TaskReader(manifest, 0, "test", make_transform(32, 3)).tensors()
     stored = {np.rint(img.numpy() * 255).astype(np.uint8).tobytes() for img in images}
     assert stored == wanted  # planes R, G, B survive exactly
 
@@ -348,7 +347,7 @@ def test_fmnist_digits_twenty_classes(trees, tmp_path):
     assert manifest.class_names[10:] == [f"digit:{i}" for i in range(10)]
     assert manifest.image_size == 28 and manifest.channels == 1
     assert _counts(manifest) == [(4, 2)] * 10
-    images, _ = load_task_tensors(manifest, 0, "train", make_transform(28, 1))
+    images, _ = TaskReader(manifest, 0, "train", make_transform(28, 1)).tensors()
     assert images.shape == (4, 1, 28, 28)
 
 
@@ -480,7 +479,7 @@ def test_undecodable_jpeg_names_shard_and_key(damaged):
     members[image] = (name, b"\xff\xd8\xff\xe0" + b"not a jpeg" * 10)
     _reseal(directory, relpath, members)
     with pytest.raises(DataError, match="cannot be decoded") as info:
-        load_task_tensors(Manifest.load(directory), 0, "train", make_transform(8, 3))
+        TaskReader(Manifest.load(directory), 0, "train", make_transform(8, 3)).tensors()
     assert relpath in str(info.value) and repr(name.split(".")[0]) in str(info.value)
     assert any(relpath in p and "cannot be decoded" in p for p in verify_dataset(directory))
 
@@ -498,7 +497,7 @@ def test_pickle_members_refused_unread(damaged, tmp_path, ext):
     _reseal(directory, relpath, members[:2] + [(f"{key}.{ext}", pickle.dumps(Payload()))]
             + members[2:])
     with pytest.raises(DataError, match=rf"'\.{ext}'.*never unpickles") as info:
-        load_task_tensors(Manifest.load(directory), 0, "train", make_transform(8, 3))
+        TaskReader(Manifest.load(directory), 0, "train", make_transform(8, 3)).tensors()
     assert relpath in str(info.value) and repr(key) in str(info.value)
     assert not sentinel.exists()
 
@@ -507,7 +506,7 @@ def test_link_member_and_foreign_label_refused(damaged):
     directory, relpath, members = damaged
     _reseal(directory, relpath, members, links=("evil.jpg",))
     with pytest.raises(DataError, match="'evil.jpg', a symbolic link") as info:
-        load_task_tensors(Manifest.load(directory), 0, "train", make_transform(8, 3))
+        TaskReader(Manifest.load(directory), 0, "train", make_transform(8, 3)).tensors()
     assert relpath in str(info.value)
     manifest = Manifest.load(directory)
     foreign = manifest.tasks[2].classes[0]
@@ -515,7 +514,7 @@ def test_link_member_and_foreign_label_refused(damaged):
     members[label] = (members[label][0], str(foreign).encode())
     _reseal(directory, relpath, members)
     with pytest.raises(DataError, match=f"has label {foreign}, which is not one of this task"):
-        load_task_tensors(Manifest.load(directory), 0, "train", make_transform(8, 3))
+        TaskReader(Manifest.load(directory), 0, "train", make_transform(8, 3)).tensors()
 
 
 # ------------------------------------------------------------------ streaming
@@ -568,12 +567,12 @@ def test_http_streaming_matches_local_across_ranks(imagenet_r, serve, tmp_path):
     # With a cache directory every shard is fetched once, then read locally.
     cache = tmp_path / "cache"
     _Handler.requests.clear()
-    first, _ = load_task_tensors(remote, 1, "train", make_transform(8, 3), cache_dir=cache)
+    first, _ = TaskReader(remote, 1, "train", make_transform(8, 3), cache_dir=cache).tensors()
     fetched = len(_Handler.requests)
     assert fetched == len(remote.tasks[1].train)
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         f"{s.sha256}.tar" for s in remote.tasks[1].train)
-    second, _ = load_task_tensors(remote, 1, "train", make_transform(8, 3), cache_dir=cache)
+    second, _ = TaskReader(remote, 1, "train", make_transform(8, 3), cache_dir=cache).tensors()
     assert len(_Handler.requests) == fetched and torch.equal(first, second)
 
 
@@ -589,11 +588,11 @@ def test_http_bad_and_missing_shards_named(imagenet_r, serve, tmp_path):
     remote = Manifest.load(url, allowed_hosts=LOOPBACK)
     for cache in (None, tmp_path / "cache"):
         with pytest.raises(DataError, match="fails its checksum") as info:
-            load_task_tensors(remote, 0, "train", make_transform(8, 3), cache_dir=cache)
+            TaskReader(remote, 0, "train", make_transform(8, 3), cache_dir=cache).tensors()
         assert f"{url}/{bad.path}" in str(info.value)
     assert not list((tmp_path / "cache").glob("*.tar"))  # a bad shard is never cached
     with pytest.raises(DataError, match="is missing") as info:
-        load_task_tensors(remote, 1, "test", make_transform(8, 3))
+        TaskReader(remote, 1, "test", make_transform(8, 3)).tensors()
     assert gone.path in str(info.value)
     problems = verify_dataset(url, allowed_hosts=LOOPBACK)
     assert any(p.startswith(bad.path) and "sha256 mismatch" in p for p in problems)

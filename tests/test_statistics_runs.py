@@ -98,7 +98,7 @@ def test_b_saved_statistics_are_the_training_images_statistics(three_tasks, prob
     through the reference network, with the test-time transform."""
     from cldist.config.compose import compose
     from cldist.coordinator.store import load_run_manifest
-    from cldist.data.loader import task_batches
+    from cldist.data import TaskReader
     from cldist.train.task import build_model, make_method, transforms
     _, run_dir = probe_inline
     cfg = compose(tiny_overrides(three_tasks, run_dir, "method=linear_probe"))
@@ -108,7 +108,7 @@ def test_b_saved_statistics_are_the_training_images_statistics(three_tasks, prob
     feats, labels = [], []
     with torch.no_grad():
         for t in range(N_TASKS):
-            for x, y in task_batches(manifest, t, "train", 50, test_tf):
+            for x, y in TaskReader(manifest, t, "train", test_tf).batches(50):
                 feats.append(model.features(x))
                 labels.append(y)
     labels = torch.cat(labels)

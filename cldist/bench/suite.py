@@ -164,7 +164,7 @@ def bench_loader(work: Path) -> dict:
     from PIL import Image
 
     from ..data.build import build_dataset
-    from ..data.loader import TaskStream, make_transform, task_batches
+    from ..data import TaskReader, make_transform
     data = work / "photos"
     if not (data / "manifest.json").exists():
         # 2 classes x 192 JPEGs of 400 x 300 px (ImageNet-R's images are of this order), stored
@@ -188,12 +188,12 @@ def bench_loader(work: Path) -> dict:
     n_images = manifest.tasks[0].n_train
 
     def in_process():
-        return sum(len(y) for _, y in task_batches(manifest, 0, "train", 32, transform,
-                                                   shuffle=True))
+        return sum(len(y) for _, y in TaskReader(manifest, 0, "train", transform,
+                                                 shuffle=True).batches(32))
 
     def with_workers(n):
         loader = torch.utils.data.DataLoader(
-            TaskStream(manifest, 0, "train", transform, shuffle=True), batch_size=32,
+            TaskReader(manifest, 0, "train", transform, shuffle=True).dataset(), batch_size=32,
             num_workers=n)
         return lambda: sum(len(y) for _, y in loader)
 

@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 from ..config.schema import RunConfig
 from ..coordinator.statistics import ClassStatistics, merge_all
 from ..coordinator.store import load_run_manifest, load_task_into, task_dir
-from ..data.loader import load_task_tensors as load_test_tensors, task_batches
+from ..data import TaskReader
 from ..errors import UserError
 from ..models.continual import ContinualClassifier
 from ..train.statistics import (STATS_STEM, router_projection, statistics_from_tensors,
@@ -197,7 +197,7 @@ class Scorer:
 
     def test_set(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         if j not in self._test_cache:
-            self._test_cache[j] = load_test_tensors(self.manifest, j, "test", self.test_tf)
+            self._test_cache[j] = TaskReader(self.manifest, j, "test", self.test_tf).tensors()
         return self._test_cache[j]
 
     @torch.no_grad()
@@ -277,8 +277,8 @@ class Scorer:
                        else self.model.feature_dim)
                 stats = statistics_pass(
                     self.model.features,
-                    task_batches(self.manifest, t, "train", self.cfg.trainer.eval_batch_size,
-                                 self.test_tf),
+                    TaskReader(self.manifest, t, "train", self.test_tf).batches(
+                        self.cfg.trainer.eval_batch_size),
                     classes, dim, self.device, self.projection)
             self._stats_cache[t] = stats
         return {t: self._stats_cache[t] for t in tasks}

@@ -25,7 +25,7 @@ import torch
 from ..config.schema import RunConfig, method_options, resolve_targets
 from ..errors import ConfigError
 from ..coordinator.run_coordinator import allocate_ranks_locally
-from ..data.loader import TaskStream, make_transform, task_batches
+from ..data import TaskReader, make_transform
 from ..data.manifest import Manifest
 from ..methods.base import ContinualMethod, FitRequest, TaskContext, get_method_class
 from ..models.backbone import BackboneSpec, build_backbone, default_normalization
@@ -166,20 +166,18 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
     seen_share = sum(manifest.tasks[s_].n_train for s_ in range(t + 1)) // world_size
     seen_steps = steps_for(seen_share)
     data_seed = task_seeds(cfg.seed, t)["data_order"]
+    reader = TaskReader(manifest, t, "train", train_tf, shuffle=True, seed=data_seed,
+                        rank=rank, world_size=world_size)
 
     def batches(epoch: int):
         if cfg.trainer.loader_workers:
             # worker processes decode the next batches while this one steps; each keeps its
-            # own slice of the rank's seeded stream (TaskStream), so every sample is seen once
-            stream = TaskStream(manifest, t, "train", train_tf, shuffle=True, seed=data_seed,
-                                rank=rank, world_size=world_size)
-            stream.set_epoch(epoch)
+            # own slice of the rank's seeded stream (reader.dataset), so every sample is seen once
             it = iter(torch.utils.data.DataLoader(
-                stream, batch_size=bs, num_workers=cfg.trainer.loader_workers,
+                reader.dataset(epoch), batch_size=bs, num_workers=cfg.trainer.loader_workers,
                 pin_memory=device.type == "cuda"))
         else:
-            it = task_batches(manifest, t, "train", bs, train_tf, shuffle=True, seed=data_seed,
-                              epoch=epoch, rank=rank, world_size=world_size)
+            it = reader.batches(bs, epoch)
         for i, batch in enumerate(it):
             if i >= steps:
                 break
@@ -190,9 +188,9 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
         # benchmark-sized streams), reshuffled every epoch, same step count on every rank
         xs, ys = [], []
         for s_ in range(t + 1):
-            for x, y in task_batches(manifest, s_, "train", bs, train_tf, shuffle=True,
-                                     seed=data_seed + s_, epoch=epoch, rank=rank,
-                                     world_size=world_size):
+            for x, y in TaskReader(manifest, s_, "train", train_tf, shuffle=True,
+                                   seed=data_seed + s_, rank=rank,
+                                   world_size=world_size).batches(bs, epoch):
                 xs.append(x)
                 ys.append(y)
         x_all, y_all = torch.cat(xs), torch.cat(ys)
@@ -294,8 +292,8 @@ def task_statistics(cfg: RunConfig, manifest: Manifest, method: ContinualMethod,
     projection = router_projection(cfg.router.projection_dim, model.feature_dim, cfg.seed)
 
     def batches():
-        return task_batches(manifest, task_id, "train", cfg.trainer.eval_batch_size, test_tf,
-                            shuffle=False, rank=rank, world_size=world_size)
+        return TaskReader(manifest, task_id, "train", test_tf, shuffle=False, rank=rank,
+                          world_size=world_size).batches(cfg.trainer.eval_batch_size)
 
     return collect_task_statistics(model, method, task_id, classes, batches, device,
                                    projection=projection, reduce_mean=reduce_mean,
