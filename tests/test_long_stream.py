@@ -1,6 +1,6 @@
 """A 100-task stream through the Ray runner: scheduling at the scale the system is built for.
 
-200 synthetic classes (cldist.synthetic, 16 px), 2 per task, PEARL with timm's test ViT: task 0
+200 synthetic classes (cldist.data.synthetic, 16 px), 2 per task, PEARL, timm's test ViT: task 0
 trains the reference, tasks 1-99 are independent and run as packed Ray Train jobs
 (`trainer.tasks_per_job=25`: 4 jobs, two side by side on the 2-CPU session cluster). What is
 checked is the system, not accuracy: every task is committed exactly once, every task's
@@ -22,7 +22,7 @@ def test_hundred_task_stream_through_ray(tmp_path, ray_cluster):
     from cldist.config.compose import compose
     from cldist.data.build import build_dataset
     from cldist.stream import run_stream
-    from cldist.synthetic import write_synthetic_tree
+    from cldist.data.synthetic import write_synthetic_tree
 
     tree = write_synthetic_tree(tmp_path / "tree", n_classes=2 * N_TASKS, train_per_class=8,
                                 test_per_class=4, size=16)

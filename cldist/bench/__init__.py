@@ -5,7 +5,7 @@ One module per group of benchmarks in this package; each registers its functions
 
 Every benchmark measures a cldist path against a plain baseline side by side, in one process
 and one run, and reports the ratio; the figures go to stdout (a markdown table) and to
-`OUT/NAME.json`. All of them run on synthetic data (cldist.synthetic, or the JPEGs `loader`
+`OUT/NAME.json`. All run on synthetic data (cldist.data.synthetic, or the JPEGs `loader`
 draws) and timm's test ViT, so they need no download and take minutes on a 2-core machine:
 
 - `scheduling`: a 10-task PEARL stream through the Ray runner - one job at a time (baseline)
@@ -56,7 +56,7 @@ def register(fn: Callable[[Path], dict] | None = None, *, in_suite: bool = True)
 
 def synthetic_stream_data(work: Path, n_tasks: int) -> Path:
     from ..data.build import build_dataset
-    from ..synthetic import write_synthetic_tree
+    from ..data.synthetic import write_synthetic_tree
     data = work / f"data{n_tasks}"
     if not (data / "manifest.json").exists():
         tree = write_synthetic_tree(work / f"tree{n_tasks}", 2 * n_tasks, train_per_class=16,

@@ -11,7 +11,7 @@ They are for timing and scaling (docs/BENCHMARKS.md): at the benchmarks' budgets
 `test_vit`, a few optimiser steps per task - a continual learner stays near chance on them;
 joint training on all classes, with more steps, does learn them.
 
-    python -m cldist.synthetic /tmp/synth200 --classes 200     # then:
+    python -m cldist.data.synthetic /tmp/synth200 --classes 200     # then:
     cldist data build --source folder --root /tmp/synth200 --out /tmp/s100 --tasks 100
 """
 from __future__ import annotations
