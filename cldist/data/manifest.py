@@ -295,22 +295,47 @@ def _is_int(value: Any) -> bool:
 
 
 def _parse_manifest(data: Any, root: str, origin: str) -> Manifest:
+    """A Manifest from its JSON form, or one DataError listing every problem found."""
     problems: list[str] = []
-
-    def fail() -> DataError:
-        listed = "\n".join(f"  - {p}" for p in problems)
-        return DataError(f"invalid manifest {origin} ({len(problems)} problem(s)):\n{listed}\n"
-                         f"Rebuild the dataset with `cldist data build`.")
-
     if not isinstance(data, dict):
         problems.append("top level: must be a JSON object")
-        raise fail()
+        raise _invalid(origin, problems)
     version = data.get("format_version")
     if version not in READABLE_VERSIONS or not _is_int(version):
         problems.append(f"format_version: unknown format_version {version!r} (this cldist "
                         f"reads {', '.join(map(str, READABLE_VERSIONS))}); upgrade cldist or "
                         f"rebuild the dataset")
-        raise fail()
+        raise _invalid(origin, problems)
+    head = _parse_header(data, version, problems)
+    parser = _TaskParser(head, problems)
+    tasks = [task for t, raw in enumerate(head["tasks"] or [])
+             if (task := parser.task(t, raw)) is not None]
+    # Class-IL tasks must take consecutive slices of class_order, so stream labels are
+    # contiguous.
+    class_order = head["class_order"]
+    if head["scenario"] == CLASS_IL and class_order is not None and not problems:
+        streamed = [c for task in tasks for c in task.classes]
+        if streamed != class_order[:len(streamed)]:
+            problems.append("tasks: the tasks' classes, concatenated, must equal the start of "
+                            "class_order")
+    if problems:
+        raise _invalid(origin, problems)
+    return Manifest(source=head["source"], n_classes=head["n_classes"],
+                    class_names=list(head["class_names"]), class_order=list(class_order),
+                    order_seed=head["order_seed"], image_size=head["image_size"],
+                    channels=head["channels"], tasks=tasks, format_version=version,
+                    build=dict(head["build"]), scenario=head["scenario"], root=root)
+
+
+def _invalid(origin: str, problems: list[str]) -> DataError:
+    listed = "\n".join(f"  - {p}" for p in problems)
+    return DataError(f"invalid manifest {origin} ({len(problems)} problem(s)):\n{listed}\n"
+                     f"Rebuild the dataset with `cldist data build`.")
+
+
+def _parse_header(data: dict, version: int, problems: list[str]) -> dict[str, Any]:
+    """The manifest's fields other than the tasks' contents (None where invalid; each
+    problem appended to `problems`)."""
     scenario = data.get("scenario", CLASS_IL)
     if scenario not in SCENARIOS:
         problems.append(f"scenario: must be one of {', '.join(SCENARIOS)}, got {scenario!r}")
@@ -328,125 +353,136 @@ def _parse_manifest(data: Any, root: str, origin: str) -> Manifest:
             return None
         return value
 
-    source = need("source", lambda v: isinstance(v, str) and v, "a non-empty string")
-    n_classes = need("n_classes", lambda v: _is_int(v) and v > 0, "a positive integer")
-    class_names = need("class_names", lambda v: isinstance(v, list)
-                       and all(isinstance(x, str) for x in v), "a list of strings")
-    class_order = need("class_order", lambda v: isinstance(v, list)
-                       and all(_is_int(x) for x in v), "a list of integers")
-    order_seed = data.get("order_seed")
+    head: dict[str, Any] = {"scenario": scenario}
+    head["source"] = need("source", lambda v: isinstance(v, str) and v, "a non-empty string")
+    n_classes = head["n_classes"] = need("n_classes", lambda v: _is_int(v) and v > 0,
+                                         "a positive integer")
+    class_names = head["class_names"] = need(
+        "class_names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "a list of strings")
+    class_order = head["class_order"] = need(
+        "class_order", lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+        "a list of integers")
+    order_seed = head["order_seed"] = data.get("order_seed")
     if order_seed is not None and not _is_int(order_seed):
         problems.append(f"order_seed: must be an integer or null, got {order_seed!r}")
     if version >= 2 and data.get("image_size", 0) is None:
-        image_size = None  # original files of varying size
+        head["image_size"] = None  # original files of varying size
     else:
-        image_size = need("image_size", lambda v: _is_int(v) and v > 0,
-                          "a positive integer" + (" or null" if version >= 2 else ""))
-    channels = need("channels", lambda v: v in (1, 3) and _is_int(v), "1 or 3")
+        head["image_size"] = need("image_size", lambda v: _is_int(v) and v > 0,
+                                  "a positive integer" + (" or null" if version >= 2 else ""))
+    head["channels"] = need("channels", lambda v: v in (1, 3) and _is_int(v), "1 or 3")
     build = data.get("build", {})
     if not isinstance(build, dict):
         problems.append(f"build: must be an object, got {build!r}")
         build = {}
-    raw_tasks = need("tasks", lambda v: isinstance(v, list) and v, "a non-empty list")
+    head["build"] = build
+    head["tasks"] = need("tasks", lambda v: isinstance(v, list) and v, "a non-empty list")
 
     if n_classes is not None and class_names is not None and len(class_names) != n_classes:
         problems.append(f"class_names: has {len(class_names)} names for n_classes={n_classes}")
     if n_classes is not None and class_order is not None \
             and sorted(class_order) != list(range(n_classes)):
         problems.append(f"class_order: must be a permutation of 0..{n_classes - 1}")
+    return head
 
-    tasks: list[TaskSpec] = []
-    seen_class: dict[int, int] = {}
-    seen_domains: dict[str, int] = {}
-    seen_paths: set[str] = set()
-    for t, raw in enumerate(raw_tasks or []):
+
+class _TaskParser:
+    """Parses the manifest's tasks one by one, checking each against the header and the
+    tasks before it (classes, domains and shard paths seen); problems go to `problems`."""
+
+    def __init__(self, head: dict[str, Any], problems: list[str]):
+        self.scenario, self.n_classes = head["scenario"], head["n_classes"]
+        self.class_order = head["class_order"]
+        self.problems = problems
+        self.seen_class: dict[int, int] = {}
+        self.seen_domains: dict[str, int] = {}
+        self.seen_paths: set[str] = set()
+
+    def task(self, t: int, raw: Any) -> TaskSpec | None:
         where = f"tasks[{t}]"
         if not isinstance(raw, dict):
-            problems.append(f"{where}: must be an object")
-            continue
+            self.problems.append(f"{where}: must be an object")
+            return None
         if raw.get("task_id") != t or not _is_int(raw.get("task_id")):
-            problems.append(f"{where}.task_id: must be {t}, got {raw.get('task_id')!r}")
-        domain = raw.get("domain")
-        if scenario == DOMAIN_IL:
-            if not isinstance(domain, str) or not domain:
-                problems.append(f"{where}.domain: a domain-incremental task needs a domain name")
-            elif domain in seen_domains:
-                problems.append(f"{where}.domain: {domain!r} is also task "
-                                f"{seen_domains[domain]}'s domain")
-            else:
-                seen_domains[domain] = t
-        elif domain is not None:
-            problems.append(f"{where}.domain: only domain-incremental tasks have a domain")
-        classes = raw.get("classes")
-        if not isinstance(classes, list) or not all(_is_int(c) for c in classes):
-            problems.append(f"{where}.classes: must be a list of integers")
-            classes = []
-        elif not classes:
-            problems.append(f"{where}.classes: empty task (no classes)")
-        if scenario == DOMAIN_IL and class_order is not None and classes != class_order:
-            problems.append(f"{where}.classes: a domain-incremental task must hold every class, "
-                            f"in class_order's order")
-        for c in classes:
-            if n_classes is not None and not 0 <= c < n_classes:
-                problems.append(f"{where}.classes: class {c} is outside 0..{n_classes - 1}")
-            elif scenario == DOMAIN_IL:
-                continue  # classes repeat across tasks by design (checked against class_order)
-            elif c in seen_class:
-                other = seen_class[c]
-                problems.append(f"{where}.classes: class {c} is also in "
-                                + ("this task twice" if other == t else f"task {other}"))
-            else:
-                seen_class[c] = t
-        splits: dict[str, list[ShardInfo]] = {}
-        for split in SPLITS:
-            shards_raw = raw.get(split)
-            if not isinstance(shards_raw, list) or not shards_raw:
-                problems.append(f"{where}.{split}: must be a non-empty list of shards")
-                splits[split] = []
-                continue
-            shards = []
-            for s, sraw in enumerate(shards_raw):
-                swhere = f"{where}.{split}[{s}]"
-                if not isinstance(sraw, dict):
-                    problems.append(f"{swhere}: must be an object")
-                    continue
-                path, sha, count = sraw.get("path"), sraw.get("sha256"), sraw.get("n_samples")
-                why = shard_path_problem(path)
-                if why:
-                    problems.append(f"{swhere}.path: {why}")
-                elif path in seen_paths:
-                    problems.append(f"{swhere}.path: {path!r} is listed twice")
-                else:
-                    seen_paths.add(path)
-                if not isinstance(sha, str) or not _SHA256_RE.match(sha):
-                    problems.append(f"{swhere}.sha256: must be 64 lowercase hex digits")
-                if not _is_int(count) or count <= 0:
-                    problems.append(f"{swhere}.n_samples: must be a positive integer, "
-                                    f"got {count!r}")
-                shards.append(ShardInfo(path=path, sha256=sha, n_samples=count))
-            splits[split] = shards
+            self.problems.append(f"{where}.task_id: must be {t}, got {raw.get('task_id')!r}")
+        domain = self._domain(t, where, raw.get("domain"))
+        classes = self._classes(t, where, raw.get("classes"))
+        splits = {split: self._shards(f"{where}.{split}", raw.get(split)) for split in SPLITS}
         task = TaskSpec(task_id=t, classes=list(classes), train=splits["train"],
                         test=splits["test"], domain=domain if isinstance(domain, str) else None)
         # n_train/n_test are written for people reading the file; they must agree. (Only
         # summed when every count so far is valid.)
         for name, split in (("n_train", "train"), ("n_test", "test")):
-            if name in raw and not problems:
+            if name in raw and not self.problems:
                 total = sum(s.n_samples for s in task.shards(split))
                 if raw[name] != total:
-                    problems.append(f"{where}.{name}: says {raw[name]!r} but its shards hold "
-                                    f"{total}")
-        tasks.append(task)
+                    self.problems.append(f"{where}.{name}: says {raw[name]!r} but its shards "
+                                         f"hold {total}")
+        return task
 
-    # Class-IL tasks must take consecutive slices of class_order, so stream labels are
-    # contiguous.
-    if scenario == CLASS_IL and class_order is not None and not problems:
-        streamed = [c for task in tasks for c in task.classes]
-        if streamed != class_order[:len(streamed)]:
-            problems.append("tasks: the tasks' classes, concatenated, must equal the start of "
-                            "class_order")
-    if problems:
-        raise fail()
-    return Manifest(source=source, n_classes=n_classes, class_names=list(class_names),
-                    class_order=list(class_order), order_seed=order_seed,
-                    image_size=image_size, channels=channels, tasks=tasks,
-                    format_version=version, build=dict(build), scenario=scenario, root=root)
+    def _domain(self, t: int, where: str, domain: Any) -> Any:
+        if self.scenario == DOMAIN_IL:
+            if not isinstance(domain, str) or not domain:
+                self.problems.append(f"{where}.domain: a domain-incremental task needs a "
+                                     f"domain name")
+            elif domain in self.seen_domains:
+                self.problems.append(f"{where}.domain: {domain!r} is also task "
+                                     f"{self.seen_domains[domain]}'s domain")
+            else:
+                self.seen_domains[domain] = t
+        elif domain is not None:
+            self.problems.append(f"{where}.domain: only domain-incremental tasks have a domain")
+        return domain
+
+    def _classes(self, t: int, where: str, classes: Any) -> list[int]:
+        problems = self.problems
+        if not isinstance(classes, list) or not all(_is_int(c) for c in classes):
+            problems.append(f"{where}.classes: must be a list of integers")
+            classes = []
+        elif not classes:
+            problems.append(f"{where}.classes: empty task (no classes)")
+        if self.scenario == DOMAIN_IL and self.class_order is not None \
+                and classes != self.class_order:
+            problems.append(f"{where}.classes: a domain-incremental task must hold every class, "
+                            f"in class_order's order")
+        for c in classes:
+            if self.n_classes is not None and not 0 <= c < self.n_classes:
+                problems.append(f"{where}.classes: class {c} is outside "
+                                f"0..{self.n_classes - 1}")
+            elif self.scenario == DOMAIN_IL:
+                continue  # classes repeat across tasks by design (checked against class_order)
+            elif c in self.seen_class:
+                other = self.seen_class[c]
+                problems.append(f"{where}.classes: class {c} is also in "
+                                + ("this task twice" if other == t else f"task {other}"))
+            else:
+                self.seen_class[c] = t
+        return classes
+
+    def _shards(self, where: str, shards_raw: Any) -> list[ShardInfo]:
+        problems = self.problems
+        if not isinstance(shards_raw, list) or not shards_raw:
+            problems.append(f"{where}: must be a non-empty list of shards")
+            return []
+        shards = []
+        for s, sraw in enumerate(shards_raw):
+            swhere = f"{where}[{s}]"
+            if not isinstance(sraw, dict):
+                problems.append(f"{swhere}: must be an object")
+                continue
+            path, sha, count = sraw.get("path"), sraw.get("sha256"), sraw.get("n_samples")
+            why = shard_path_problem(path)
+            if why:
+                problems.append(f"{swhere}.path: {why}")
+            elif path in self.seen_paths:
+                problems.append(f"{swhere}.path: {path!r} is listed twice")
+            else:
+                self.seen_paths.add(path)
+            if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+                problems.append(f"{swhere}.sha256: must be 64 lowercase hex digits")
+            if not _is_int(count) or count <= 0:
+                problems.append(f"{swhere}.n_samples: must be a positive integer, "
+                                f"got {count!r}")
+            shards.append(ShardInfo(path=path, sha256=sha, n_samples=count))
+        return shards
