@@ -450,7 +450,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, resuming: bool, signals: _Signals
             # commit every task first (nothing finished is lost), then score them together
             with lock:
                 for t, meta in finished:
-                    coordinator.commit(t, meta["staging_dir"], meta)
+                    if "staging_dir" in meta:  # none: the runner committed it (job slots)
+                        coordinator.commit(t, meta["staging_dir"], meta)
                     for fit in meta.get("fits", []):
                         lrs = fit.get("lrs") or [None] * len(fit["losses"])  # None: no lr point
                         for e, (loss, lr) in enumerate(zip(fit["losses"], lrs)):

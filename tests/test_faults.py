@@ -280,3 +280,37 @@ def test_e_killed_driver_keeps_the_tasks_its_packed_job_reported(
     assert {p.name: p.read_bytes() for p in (run_dir / "tasks" / "001").iterdir()} == task1
     metrics = json.loads((run_dir / "metrics.json").read_text())
     _check_complete(run_dir, metrics, uninterrupted_long, MATRIX_TOL)
+
+
+@pytest.mark.slow
+def test_f_killed_slot_worker_relearns_only_the_task_it_held(
+        three_tasks, uninterrupted, tmp_path, ray_cluster, capsys, monkeypatch):
+    """Job slots (`trainer.tasks_per_job=auto`), one slot: it learns tasks 0, 1 and 2 in turn
+    and its rank 0 is SIGKILLed in task 2's first epoch. Ray Train restarts the slot; task 2 is
+    back in the queue and learnt again, tasks 0 and 1 - committed - are not."""
+    from cldist import stream
+    from cldist.config.compose import compose
+    run_dir = tmp_path / "run"
+    prepare = stream.prepare_run_dir
+
+    def prepare_with_fault(cfg, manifest):
+        out = prepare(cfg, manifest)
+        (out / ".faults").mkdir()
+        (out / ".faults" / "kill-worker-002").touch()
+        return out
+
+    monkeypatch.setattr(stream, "prepare_run_dir", prepare_with_fault)
+    metrics = stream.run_stream(compose(tiny_overrides(
+        three_tasks, run_dir, "runner=ray", "trainer.tasks_per_job=auto",
+        "trainer.max_failures=1", "trainer.max_concurrent_tasks=1", *LEARN)))
+
+    assert (run_dir / ".faults" / "kill-worker-002.done").exists(), "the fault never fired"
+    state = _check_complete(run_dir, metrics, uninterrupted, MATRIX_TOL)
+    meta = state["task_meta"]
+    assert len({m["job_slot"] for m in meta.values()}) == 1  # one slot learnt them all
+    assert [meta[str(t)]["job_attempts"] for t in range(N_TASKS)] == [1, 1, 2]
+    out = capsys.readouterr().out
+    assert "[retry] job slot slot-" in out
+    for t in (0, 1):  # each epoch of the committed tasks announced once: not learnt again
+        epochs = re.findall(rf"^\[task {t:03d} \| \w+ \| epoch ", out, flags=re.M)
+        assert len(epochs) == sum(fit["epochs"] for fit in meta[str(t)]["fits"]), out

@@ -26,6 +26,9 @@ draws) and timm's test ViT, so they need no download and take minutes on a 2-cor
 - `stream100`: a 100-task stream through the Ray runner with packed jobs: wall time with Ray
   Train's default 2 s worker poll (baseline) vs cldist's 0.5 s (`trainer.poll_interval_s`),
   and per-task time along the stream (flat or not).
+- `slots`: the 100-task stream and the default stream (fmnist_5t) with one Ray Train job per
+  task (baseline) vs fixed packings (`trainer.tasks_per_job=N`) vs job slots
+  (`trainer.tasks_per_job=auto`); wall time and the number of jobs started.
 
     cldist bench svd                  # seconds
     cldist bench                      # all of them, ~25 min on 2 cores

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from ..errors import ConfigError
 
@@ -119,8 +119,9 @@ class TrainerConfig:
     max_failures: int = 1
     torch_threads: Optional[int] = None
     # independent tasks one Ray Train job learns back to back (ray runner): packing amortises
-    # the job's start-up (placement group, worker processes, process group) over several tasks
-    tasks_per_job: int = 1
+    # the job's start-up (placement group, worker processes, process group) over several tasks;
+    # "auto": job slots - long-lived jobs that each learn whatever task is ready next
+    tasks_per_job: Union[int, str] = 1
     # DataLoader processes that decode and augment a worker's training images ahead of its
     # steps; 0 decodes in the training process (a GPU worker waits on JPEG decoding)
     loader_workers: int = 0
@@ -295,8 +296,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             p.append(f"method.targets: role {role!r} is not defined for backbone "
                      f"{cfg.backbone.name} (roles: {sorted(cfg.backbone.roles)}); use a role or a "
                      f"module-name pattern")
-    if cfg.trainer.tasks_per_job < 1:
-        p.append(f"trainer.tasks_per_job={cfg.trainer.tasks_per_job}: must be >= 1")
+    per_job = cfg.trainer.tasks_per_job
+    if per_job != "auto" and not (isinstance(per_job, int) and not isinstance(per_job, bool)
+                                  and per_job >= 1):
+        p.append(f"trainer.tasks_per_job={per_job}: must be a whole number >= 1, or auto "
+                 f"(job slots that pull ready tasks until none is left)")
     if not cfg.trainer.poll_interval_s > 0:
         p.append(f"trainer.poll_interval_s={cfg.trainer.poll_interval_s}: must be > 0 (seconds)")
     shares_valid = cfg.cluster.eval_actors >= 1

@@ -10,6 +10,9 @@ while they wait, so on a cluster that concurrent jobs fill completely, SVD tasks
 a CPU would wait for those jobs forever. Give them 1 on clusters with CPU headroom.
 Finished tasks are committed through it, so `state.json` has exactly one writer: by the driver
 when a job ends, and by a packed job's rank 0 as soon as each task but its last is reported.
+With job slots (`trainer.tasks_per_job=auto`) it also holds the queue of ready tasks
+(cldist.runners.slots): slots claim tasks from it, and a slot's commit marks its task done in
+the same call.
 
 Evaluators: each holds the frozen backbone once plus the adapters of the sub-networks it was
 given (PEARL: shard by sub-network) or a share of the test sets (single-model methods). For
@@ -27,6 +30,7 @@ import torch
 
 from ..config.schema import ClusterConfig
 from ..coordinator.run_coordinator import RunCoordinator, allocate_layer
+from ..runners.slots import SlotQueue
 
 
 def _svd_flops(w_task) -> int:
@@ -52,6 +56,9 @@ class CoordinatorActor:
         self.inline_svd_max_flops = int(inline_svd_max_flops)
         self.inner = RunCoordinator(run_dir)
         self.events: list[dict] = []
+        self.queue: SlotQueue | None = None  # job slots' tasks (open_queue)
+        self.queue_lock = threading.Lock()
+        self.events_lock = threading.Lock()
         self.svd = svd_layer_task.options(num_cpus=svd_task_cpus)
         # bound the SVD tasks in flight across all concurrent requests: 0-CPU tasks are not
         # limited by Ray's scheduler, and each one in flight needs a worker process
@@ -102,12 +109,57 @@ class CoordinatorActor:
         with checkpoint.as_directory() as source:
             return self.inner.commit_copy(task_id, source, meta)
 
+    # -- job slots (trainer.tasks_per_job=auto): the queue of ready tasks, beside the commits
+    def open_queue(self, tasks: list[int], deps: dict, done: list[int]) -> None:
+        with self.queue_lock:
+            self.queue = SlotQueue(tasks, deps, done)
+
+    def slot_started(self, slot: str) -> int:
+        """A slot's worker group starts (again); its attempt number. A task the slot held
+        before a restart is ready again."""
+        with self.queue_lock:
+            attempt = self.queue.start(slot)
+        self.post_event({"kind": "attempt", "job": slot})
+        return attempt
+
+    def claim(self, slot: str) -> int | None:
+        """The next ready task for `slot` (None: nothing ready now, the slot ends)."""
+        with self.queue_lock:
+            task = self.queue.claim(slot)
+            if task is not None:
+                self.post_event({"kind": "started", "task": task, "job": slot})
+            return task
+
+    def commit_slot_task(self, task_id: int, checkpoint, meta: dict) -> None:
+        """Commit a task a slot has reported, and mark it done in the queue in the same step
+        (so its dependents become ready, and it is never handed out again); the driver learns
+        of it from a "committed" event and scores it."""
+        with checkpoint.as_directory() as source:
+            self.inner.commit_copy(task_id, source, meta)
+        with self.queue_lock:
+            if self.queue.complete(task_id):
+                self.post_event({"kind": "committed", "task": task_id, "meta": meta})
+
+    def release_slot(self, slot: str) -> int | None:
+        with self.queue_lock:
+            return self.queue.release(slot)
+
+    def close_queue(self) -> None:
+        with self.queue_lock:
+            self.queue.close()
+
+    def queue_status(self) -> dict:
+        with self.queue_lock:
+            return self.queue.status()
+
     # progress events from the jobs' rank-0 workers, drained and printed by the driver
     def post_event(self, event: dict) -> None:
-        self.events.append(event)
+        with self.events_lock:  # the actor is threaded: no event may fall between two drains
+            self.events.append(event)
 
     def drain_events(self) -> list[dict]:
-        out, self.events = self.events, []
+        with self.events_lock:
+            out, self.events = self.events, []
         return out
 
     def set_rows(self, rows) -> None:

@@ -16,15 +16,24 @@ CPUs one job needs). PEARL's tasks after the reference are independent and run s
 chain methods run one job at a time, each data-parallel. The driver holds no tensors of any
 task: jobs read their inputs from the run directory and return file paths.
 
+Job slots (`trainer.tasks_per_job=auto`): instead of jobs of fixed groups, up to that many
+long-lived jobs ("slots") each pull the next ready task from a queue in the coordinator actor
+(cldist.runners.slots), learn it, have it committed - which makes its dependents ready - and
+pull again until nothing is ready; the driver scores each task as soon as it is committed. A
+stream pays the job start-up once per slot: a chain runs in one slot, PEARL's reference in one
+and its independent tasks in as many as fit.
+
 Failures: a job whose worker or node dies is restarted by Ray Train (`trainer.max_failures`)
-on whatever nodes remain; it skips the tasks it had already reported, and the driver prints
-which job was retried. Evaluator actors restart themselves (`max_restarts`).
+on whatever nodes remain; it skips the tasks it had already reported (a restarted slot: the
+task it held is back in the queue, committed ones never are), and the driver prints which job
+was retried. Evaluator actors restart themselves (`max_restarts`).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import shutil
 import tempfile
 import threading
 import uuid
@@ -37,6 +46,7 @@ import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..config.schema import RunConfig, gpu_shares
+from ..coordinator.store import task_dir
 from ..eval.scoring import Block, SingleScores, saved_task_statistics
 from ..runners import OnTaskDone, ready_order
 from ..train.task import TaskJob
@@ -45,6 +55,70 @@ from .cluster import connect
 from .train_job import run_train_job
 
 logger = logging.getLogger(__name__)
+
+
+class _Worker:
+    """What every worker of a task job needs: its rank and device, the coordinator, and the
+    hooks `train_task` calls (DeepSpeed engines, rank allocation, epoch events)."""
+
+    def __init__(self, run_dir: str, config: dict, coordinator: str, namespace: str):
+        import torch
+
+        from .train_job import worker_context
+
+        self.rank, self.world_size, self.device = worker_context()
+        self.run_dir, self.config = run_dir, config
+        self.cfg = RunConfig.from_dict(config)
+        torch.set_num_threads(max(1, int(self.cfg.trainer.torch_threads
+                                         or self.cfg.trainer.cpus_per_worker)))
+        self.coordinator = ray.get_actor(coordinator, namespace=namespace)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.node_ids = [self.node_id]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            self.node_ids = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(self.node_ids, self.node_id)  # a job across nodes
+
+    def make_engine(self, module, params, lr, weight_decay, total_steps, optimizer="adamw"):
+        from .deepspeed_engine import DeepSpeedStepEngine
+        return DeepSpeedStepEngine(module, params, lr, weight_decay, total_steps,
+                                   zero_stage=self.cfg.trainer.zero_stage,
+                                   micro_batch_size=self.cfg.trainer.batch_size,
+                                   optimizer=optimizer)
+
+    def allocate_ranks(self, task_vectors, params):
+        from .train_job import broadcast_object
+        # rank 0 holds the gathered task vectors after finish(); one request, then broadcast.
+        # They travel on the host: the coordinator holds no GPU and could not unpickle CUDA
+        # tensors (a GPU worker's weights are on its device)
+        host = {n: tuple(w.detach().cpu() for w in pair) for n, pair in task_vectors.items()}
+        decisions = ray.get(self.coordinator.allocate_ranks.remote(host, params)) \
+            if self.rank == 0 else None
+        return broadcast_object(decisions, src=0)
+
+    def on_epoch(self, task_id, phase, epoch, n_epochs, loss, lr):
+        # fire and forget: the driver drains these and prints one line per epoch
+        self.coordinator.post_event.remote({"kind": "epoch", "task": task_id, "phase": phase,
+                                            "epoch": epoch, "n_epochs": n_epochs, "loss": loss,
+                                            "lr": lr})
+        _maybe_inject_fault(self.run_dir, task_id)
+
+    def learn_and_report(self, task_id: int, **extra) -> None:
+        """Learn one task and report it (every rank: a barrier); rank 0's task files are the
+        report's checkpoint, its meta (with `extra`) the report's metrics."""
+        from ..train.task import train_task
+        job = TaskJob(self.run_dir, self.config, task_id)
+        with tempfile.TemporaryDirectory(prefix="cldist-task-") as tmp:
+            meta = train_task(job, rank=self.rank, world_size=self.world_size,
+                              make_engine=self.make_engine, allocate_ranks=self.allocate_ranks,
+                              on_epoch=self.on_epoch, device=self.device, staging_root=tmp)
+            meta["node_id"], meta["node_ids"] = self.node_id, self.node_ids
+            meta.update(extra)
+            staging = meta.pop("staging_dir", None)
+            metrics = {"task_id": task_id, "meta_json": json.dumps(meta, default=float)}
+            # rank 0's task files are the checkpoint; Ray Train copies them to the run's storage
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging)
+                             if self.rank == 0 else None)
 
 
 def task_worker(config: dict) -> None:
@@ -57,68 +131,61 @@ def task_worker(config: dict) -> None:
     the last task reported before it, so the retry carries on with the next task of the group
     instead of starting the group again.
     """
-    import torch
-
-    from ..train.task import train_task
-    from .deepspeed_engine import DeepSpeedStepEngine
-    from .train_job import broadcast_object, worker_context
-
-    rank, world_size, device = worker_context()
     jobs = [TaskJob(**j) for j in config["jobs"]]
-    cfg = jobs[0].cfg
-    torch.set_num_threads(max(1, int(cfg.trainer.torch_threads or cfg.trainer.cpus_per_worker)))
-    coordinator = ray.get_actor(config["coordinator"], namespace=config["namespace"])
-
-    def make_engine(module, params, lr, weight_decay, total_steps, optimizer="adamw"):
-        return DeepSpeedStepEngine(module, params, lr, weight_decay, total_steps,
-                                   zero_stage=cfg.trainer.zero_stage,
-                                   micro_batch_size=cfg.trainer.batch_size, optimizer=optimizer)
-
-    def allocate_ranks(task_vectors, params):
-        # rank 0 holds the gathered task vectors after finish(); one request, then broadcast.
-        # They travel on the host: the coordinator holds no GPU and could not unpickle CUDA
-        # tensors (a GPU worker's weights are on its device)
-        host = {n: tuple(w.detach().cpu() for w in pair) for n, pair in task_vectors.items()}
-        decisions = ray.get(coordinator.allocate_ranks.remote(host, params)) \
-            if rank == 0 else None
-        return broadcast_object(decisions, src=0)
-
-    def on_epoch(task_id, phase, epoch, n_epochs, loss, lr):
-        # fire and forget: the driver drains these and prints one line per epoch
-        coordinator.post_event.remote({"kind": "epoch", "task": task_id, "phase": phase,
-                                       "epoch": epoch, "n_epochs": n_epochs, "loss": loss,
-                                       "lr": lr})
-        _maybe_inject_fault(jobs[0].run_dir, task_id)
-
-    if rank == 0:  # the driver counts attempts per job to report retries
-        ray.get(coordinator.post_event.remote({"kind": "attempt", "job": config["job_name"]}))
+    w = _Worker(jobs[0].run_dir, jobs[0].config, config["coordinator"], config["namespace"])
+    if w.rank == 0:  # the driver counts attempts per job to report retries
+        ray.get(w.coordinator.post_event.remote({"kind": "attempt", "job": config["job_name"]}))
 
     group = [job.task_id for job in jobs]
     done_in_group = _tasks_reported_before(ray.train.get_checkpoint(), group)
-    node_id = ray.get_runtime_context().get_node_id()
-    node_ids = [node_id]
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        node_ids = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(node_ids, node_id)  # shows a job spanned nodes
     for job in jobs:
         if job.task_id in done_in_group:
             continue
-        with tempfile.TemporaryDirectory(prefix="cldist-task-") as tmp:
-            meta = train_task(job, rank=rank, world_size=world_size, make_engine=make_engine,
-                              allocate_ranks=allocate_ranks, on_epoch=on_epoch, device=device,
-                              staging_root=tmp)
-            meta["node_id"], meta["node_ids"] = node_id, node_ids
-            meta["job_group"] = group
-            staging = meta.pop("staging_dir", None)
-            metrics = {"task_id": job.task_id, "meta_json": json.dumps(meta, default=float)}
-            # rank 0's task files are the checkpoint; Ray Train copies them to the run's storage
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(staging)
-                             if rank == 0 else None)
+        w.learn_and_report(job.task_id, job_group=group)
         if job is not jobs[-1]:
             reported = _wait_until_report_registered()
-            if rank == 0:
-                _commit_reported(coordinator, job.task_id, reported)
+            if w.rank == 0:
+                _commit_reported(w.coordinator, job.task_id, reported)
+
+
+def slot_worker(config: dict) -> None:
+    """Ray Train worker function of a job slot (`trainer.tasks_per_job=auto`): learn the task
+    the coordinator's queue hands out next, until it has none ready.
+
+    Rank 0 claims (broadcast: every rank learns the same task); every rank reports the task
+    and waits until Ray Train has registered the report, as in a packed job; then rank 0 has
+    the coordinator commit it - which marks it done in the queue in the same call, making its
+    dependents ready - and claims again. When Ray Train restarts the slot after a failure,
+    the task it was learning is ready again in the queue (`slot_started`), and a task it had
+    reported but not yet committed is committed from its checkpoint; committed tasks are never
+    handed out again, so a retry never learns one of them.
+    """
+    from .train_job import broadcast_object
+
+    w = _Worker(config["run_dir"], config["config"], config["coordinator"], config["namespace"])
+    slot = config["job_name"]
+    attempt = ray.get(w.coordinator.slot_started.remote(slot)) if w.rank == 0 else 0
+    checkpoint = ray.train.get_checkpoint()
+    if w.rank == 0 and checkpoint is not None:  # a retry: what the last attempt reported last
+        with checkpoint.as_directory() as d:
+            meta = json.loads((Path(d) / "meta.json").read_text())
+        meta["job_slot"] = slot
+        ray.get(w.coordinator.commit_slot_task.remote(int(meta["task_id"]), checkpoint, meta))
+    while True:
+        task = broadcast_object(ray.get(w.coordinator.claim.remote(slot)) if w.rank == 0
+                                else None, src=0)
+        if task is None:
+            return
+        w.learn_and_report(task, job_slot=slot)
+        reported = _wait_until_report_registered()
+        if w.rank == 0:
+            entry = next((e for e in reversed(reported) if e.metrics.get("task_id") == task), None)
+            if entry is None:
+                raise RuntimeError(f"slot {slot}: Ray Train registered no report of task {task}")
+            meta = json.loads(entry.metrics["meta_json"])
+            meta["job_attempts"] = attempt
+            # synchronous: the next claim must see this task done (a chain's next task)
+            ray.get(w.coordinator.commit_slot_task.remote(task, entry.checkpoint, meta))
 
 
 def _wait_until_report_registered() -> list:
@@ -219,6 +286,8 @@ class RayRunner:
         self.attempts: dict[str, int] = {}  # worker-group starts per job name
         self.failures: dict[str, list] = {}  # worker failures per job name (FailureReporter)
         self._events_lock = threading.Lock()
+        self._slot_starts: list[int] = []  # job slots: tasks claimed / committed, not yet
+        self._slot_commits: list[tuple[int, dict]] = []  # handed to the stream
 
     # -- training --------------------------------------------------------------------------
     def _concurrency(self) -> int:
@@ -282,6 +351,8 @@ class RayRunner:
 
     def run_tasks(self, jobs: dict[int, TaskJob], deps: dict[int, list[int]],
                   on_done: OnTaskDone, started: Callable[[int], None] | None = None) -> None:
+        if self.cfg.trainer.tasks_per_job == "auto":
+            return self._run_slots(jobs, deps, on_done, started)
         pending = sorted(jobs)
         done = {t for t in deps if t not in jobs}
         running: dict[Future, list[int]] = {}
@@ -308,6 +379,98 @@ class RayRunner:
                     on_done([(int(meta["task_id"]), meta) for meta in metas])
                     done.update(int(meta["task_id"]) for meta in metas)
 
+    # -- job slots (trainer.tasks_per_job=auto) ---------------------------------------------
+    def _run_slots(self, jobs: dict[int, TaskJob], deps: dict[int, list[int]],
+                   on_done: OnTaskDone, started: Callable[[int], None] | None) -> None:
+        """Up to `_concurrency()` long-lived job slots pull ready tasks from the coordinator's
+        queue (cldist.runners.slots) until none is ready; each slot commits every task it
+        learns, and the driver hands each commit to `on_done` as soon as it sees it (tasks
+        seen together, together). A slot is started only for a ready task no running slot will
+        take: a chain runs in one slot, PEARL's independent tasks in as many as fit."""
+        ray.get(self._coordinator.open_queue.remote(
+            sorted(jobs), {t: list(deps[t]) for t in jobs}, [t for t in deps if t not in jobs]))
+        config = {"run_dir": str(self.run_dir), "config": next(iter(jobs.values())).config,
+                  "coordinator": self.coordinator_name, "namespace": self.namespace}
+        limit = self._concurrency()
+        running: dict[Future, str] = {}
+        delivered: set[int] = set()
+        with ThreadPoolExecutor(max_workers=limit, thread_name_prefix="cldist-slot") as pool:
+            try:
+                while True:
+                    status = ray.get(self._coordinator.queue_status.remote())
+                    self._deliver(on_done, started, delivered)
+                    if not status["left"] and not running:
+                        break
+                    # running slots that hold no task are starting up (they will claim one)
+                    idle = len(running) - status["holding"]
+                    for _ in range(min(limit - len(running), status["ready"] - idle)):
+                        name = f"slot-{uuid.uuid4().hex[:8]}"
+                        running[pool.submit(self._run_slot, config, name)] = name
+                    if not running:
+                        raise RuntimeError(f"task graph is stuck: {status}")
+                    finished, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        running.pop(fut)
+                        fut.result()  # a slot that failed (after its retries) stops the stream
+            except BaseException:
+                # hand out nothing more: the other slots end after the task they hold
+                try:
+                    ray.get(self._coordinator.close_queue.remote())
+                except Exception:  # noqa: BLE001 - the failure itself is the news
+                    pass
+                raise
+        self._deliver(on_done, started, delivered)
+        missing = sorted(set(jobs) - delivered)
+        if missing:
+            raise RuntimeError(f"tasks {missing}: no job slot committed them")
+
+    def _run_slot(self, config: dict, name: str) -> None:
+        """One job slot as a Ray Train job, until the queue has no ready task for it."""
+        try:
+            with self.job_slots:
+                result = run_train_job(
+                    slot_worker, {**config, "job_name": name},
+                    num_workers=self.cfg.trainer.num_workers, use_gpu=self.cfg.trainer.use_gpu,
+                    storage_path=str(self.run_dir / "ray_train"), name=name,
+                    cpus_per_worker=self.cfg.trainer.cpus_per_worker,
+                    max_failures=self.cfg.trainer.max_failures,
+                    callbacks=(FailureReporter(self.coordinator_name, self.namespace, name),),
+                    poll_interval_s=self.cfg.trainer.poll_interval_s,
+                    gpus_per_worker=gpu_shares(self.cfg)[0])
+        finally:  # a slot that failed for good: its task is ready again
+            ray.get(self._coordinator.release_slot.remote(name))
+        # every report of a finished slot was committed as a copy: drop the originals, as the
+        # driver's commit does for the other jobs' reports
+        for metrics, checkpoint_dir in result.reports:
+            if task_dir(self.run_dir, int(metrics["task_id"])).exists():
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        self._print_events()
+        retries = max(self.attempts.pop(name, 1) - 1, len(self.failures.get(name, [])))
+        failures = self.failures.pop(name, [])
+        if retries and self.progress is not None:
+            what = "; ".join(f"rank {r}: {e}" for f in failures for r, e in f.items()) or \
+                "its workers were lost"
+            self.progress.message(f"[retry] job slot {name} was restarted {retries}x ({what}); "
+                                  f"the tasks it had committed were kept")
+
+    def _deliver(self, on_done: OnTaskDone, started: Callable[[int], None] | None,
+                 delivered: set[int]) -> None:
+        """Hand the slots' claims to `started` and their commits to `on_done`."""
+        self._print_events()
+        with self._events_lock:
+            starts, commits = self._slot_starts, self._slot_commits
+            self._slot_starts, self._slot_commits = [], []
+        for t in starts:
+            if started:
+                started(t)
+        if not commits:
+            return
+        finished = sorted((int(t), meta) for t, meta in commits)
+        for t, meta in finished:
+            self.job_nodes[t] = meta.get("node_id", "")
+            delivered.add(t)
+        on_done(finished)  # no staging_dir: each slot committed its tasks itself
+
     def _print_events(self) -> None:
         with self._events_lock:  # job threads and the scheduler both drain
             for e in self.coordinator.drain_events():
@@ -315,6 +478,10 @@ class RayRunner:
                     self.attempts[e["job"]] = self.attempts.get(e["job"], 0) + 1
                 elif e.get("kind") == "failure":
                     self.failures.setdefault(e["job"], []).append(e["errors"])
+                elif e.get("kind") == "started":
+                    self._slot_starts.append(e["task"])
+                elif e.get("kind") == "committed":
+                    self._slot_commits.append((e["task"], e["meta"]))
                 elif self.progress is not None:
                     self.progress.epoch(e["task"], e["phase"], e["epoch"] + 1, e["n_epochs"],
                                         e["loss"], e["lr"])

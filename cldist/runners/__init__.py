@@ -6,7 +6,8 @@ from typing import Callable, Protocol, Sequence
 from ..eval.scoring import Block, SingleScores
 from ..train.task import TaskJob
 
-# called with the (task, meta) pairs that finished together (one packed job), in task order
+# called with the (task, meta) pairs that finished together (one packed job), in task order;
+# a meta with `staging_dir` is committed from there, one without was committed by the runner
 OnTaskDone = Callable[[list[tuple[int, dict]]], None]
 
 
