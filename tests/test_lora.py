@@ -537,7 +537,7 @@ def test_batched_branches_equal_the_loop(factory, train_base):
     # the batched path really ran: both groups were concatenated
     fold, coef = layer._fold_cache, layer._coef_cache
     assert fold is not None and [k[0] for k in fold[0][0]] == ["f0", "f1", "f2"]
-    assert coef is not None and [k[0] for k in coef[0]] == ["c0", "c1", "c2"]
+    assert coef is not None and [k[0] for k in coef[0][0]] == ["c0", "c1", "c2"]
     # nothing changed: the next forward reuses both caches
     layer(x)
     assert layer._fold_cache is fold and layer._coef_cache is coef
@@ -646,3 +646,20 @@ def test_batched_lone_branch_and_copies(factory):
         twin.lora_A["f0"].mul_(2.0)
     assert not torch.allclose(twin(x), layer(x))
     _assert_batched_equals_loop(twin, x)
+
+
+def test_batched_cache_is_full_precision_and_follows_dtype():
+    """A cache first built under bf16 autocast holds float32 sums (the forward's autocast casts
+    them, as it casts W); a dtype change (model.double()) rebuilds it."""
+    layer, x, alpha = _mixed_layer(_linear)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    W = layer.base.weight
+    fold = ["f0", "f1", "f2"]
+    exact = W + sum(layer.delta_matrix(n) for n in fold)
+    assert layer._fold_cache[2].dtype == torch.float32
+    torch.testing.assert_close(layer._fold_cache[2], exact.detach(), atol=1e-6, rtol=1e-6)
+    layer.double()
+    alpha.data = alpha.data.double()  # the coefficients' scalar follows the model
+    _assert_batched_equals_loop(layer, x.double(), extra=[alpha])
+    assert layer._fold_cache[2].dtype == torch.float64

@@ -40,6 +40,7 @@ own their norm layers. Only one norm branch can be active; with none active the 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -192,37 +193,54 @@ class LoRALayer(nn.Module):
         state["_fold_cache"] = state["_coef_cache"] = None
         return state
 
-    def _trainable(self, name: str) -> bool:
-        return (self.lora_A[name].requires_grad or self.lora_B[name].requires_grad
-                or (name in self.lora_w and self.lora_w[name].requires_grad))
-
-    def _groups(self) -> tuple[list[str], list[str], list[str]]:
-        """(loop, fold, coef): the active branches by path. A group of one joins the loop, which
-        keeps the order of `active` (so one or two branches compute exactly as unbatched)."""
-        names = [n for n in self.active if n in self.lora_A]
+    def _groups(self) -> tuple[list[str], list[str], list[str], tuple, tuple]:
+        """(loop, fold, coef, fold_key, coef_key): the active branches by path, and what each
+        cached concatenation depends on - every branch's tensors by identity and in-place
+        version (an optimiser step, copy_, load_state_dict bump it; a write through `.data`
+        bumps nothing, so none of cldist's code writes frozen branches that way) and its
+        scaling; the ids stay valid because a cache keeps its tensors alive (no id reuse).
+        A group of one joins the loop, which keeps the order of `active` (one branch computes
+        exactly as unbatched). Runs at every forward, so it reads the parameter dicts directly:
+        Module.__getattr__ per branch would cost more than the branches' matmuls."""
+        pa, pb, pw = self.lora_A._parameters, self.lora_B._parameters, self.lora_w._parameters
+        names = [n for n in self.active if n in pa]
         if not BATCH_BRANCHES:
-            return names, [], []
-        fold, coef = [], []
+            return names, [], [], (), ()
+        fold, coef, fold_key, coef_key = [], [], [], []
         for n in names:
-            if not self._trainable(n):
-                (coef if n in self.coefficients else fold).append(n)
-        fold = fold if len(fold) > 1 else []
-        coef = coef if len(coef) > 1 else []
-        batched = set(fold) | set(coef)
-        return [n for n in names if n not in batched], fold, coef
+            A, B, w = pa[n], pb[n], pw.get(n)
+            if A.requires_grad or B.requires_grad or (w is not None and w.requires_grad):
+                continue
+            entry = (n, self.scaling[n], id(A), A._version, id(B), B._version,
+                     None if w is None else (id(w), w._version))
+            if n in self.coefficients:
+                coef.append(n)
+                coef_key.append(entry)
+            else:
+                fold.append(n)
+                fold_key.append(entry)
+        if len(fold) < 2:
+            fold, fold_key = [], []
+        if len(coef) < 2:
+            coef, coef_key = [], []
+        if fold or coef:
+            batched = set(fold) | set(coef)
+            names = [n for n in names if n not in batched]
+        return names, fold, coef, tuple(fold_key), tuple(coef_key)
 
-    def _branch_key(self, names: list[str]) -> tuple[tuple, list[torch.Tensor]]:
-        """What the cached concatenation of `names` depends on: each branch's tensors by identity
-        and in-place version (an optimiser step, copy_, load_state_dict bump it) and its scaling.
-        The ids stay valid because the cache keeps the tensors alive (no id reuse)."""
-        key, refs = [], []
-        for n in names:
-            A, B = self.lora_A[n], self.lora_B[n]
-            w = self.lora_w[n] if n in self.lora_w else None
-            key.append((n, self.scaling[n], id(A), A._version, id(B), B._version,
-                        None if w is None else (id(w), w._version)))
-            refs += [A, B] if w is None else [A, B, w]
-        return tuple(key), refs
+    def _refs(self, names: list[str]) -> list[torch.Tensor]:
+        """The tensors a cache key names by id, kept alive by the cache."""
+        return [d[n] for n in names for d in (self.lora_A, self.lora_B, self.lora_w) if n in d]
+
+    def _building(self) -> contextlib.ExitStack:
+        """Where a cache is built: outside autograd, in full precision (not the autocast dtype
+        of the forward that happens to build it), as ordinary tensors (a cache first built
+        under inference_mode must still serve a training forward)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.autocast(self.base.weight.device.type, enabled=False))
+        return stack
 
     def _concat(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """A_cat = [A_a] (R x fan_in), B_cat = [s_a B_a diag(w_a)] (out x R), no gradient."""
@@ -230,36 +248,37 @@ class LoRALayer(nn.Module):
         B = torch.cat([self.scaling[n] * self._gated_B(n).detach() for n in names], dim=1)
         return A, B
 
-    def _folded_weight(self, fold: list[str]) -> torch.Tensor:
+    def _folded_weight(self, fold: list[str], key: tuple) -> torch.Tensor:
         """W + sum_{a in fold} s_a B_a diag(w_a) A_a as an (out, fan_in) matrix; cached (with the
         gradient path through W kept when W itself trains)."""
         W = self.base.weight
-        key, refs = self._branch_key(fold)
         w_key = (id(W), W._version, W.requires_grad, W.dtype, W.device)
         cache = self._fold_cache
         if cache is None or cache[0] != (key, w_key):
-            with torch.inference_mode(False), torch.no_grad():
+            with self._building():
                 A, B = self._concat(fold)
                 delta = B @ A
                 flat = W.detach().reshape(delta.shape)
                 # a trainable W: cache only the delta and add it with autograd below
                 cached = delta if W.requires_grad else flat + delta
-            cache = self._fold_cache = ((key, w_key), refs + [W], cached)
+            cache = self._fold_cache = ((key, w_key), self._refs(fold) + [W], cached)
         if W.requires_grad:
             return W.reshape(cache[2].shape) + cache[2]
         return cache[2]
 
-    def _coef_factors(self, coef: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _coef_factors(self, coef: list[str], key: tuple
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A_cat, B_cat, m): the cached concatenation of `coef` and this forward's factor per
         rank component, m = (c_a repeated r_a times), with autograd through every c_a."""
-        key, refs = self._branch_key(coef)
+        W = self.base.weight
+        key = (key, W.dtype, W.device)
         cache = self._coef_cache
         if cache is None or cache[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
+            with self._building():
                 A, B = self._concat(coef)
                 ranks = torch.tensor([self.rank(n) for n in coef], device=A.device)
                 index = torch.repeat_interleave(torch.arange(len(coef), device=A.device), ranks)
-            cache = self._coef_cache = (key, refs, (A, B, index))
+            cache = self._coef_cache = (key, self._refs(coef), (A, B, index))
         A, B, index = cache[2]
         values = [self.coefficients[n]() for n in coef]
         c = torch.stack([torch.as_tensor(v, dtype=A.dtype, device=A.device).reshape(())
@@ -279,13 +298,13 @@ class LoRALinear(LoRALayer):
         super().__init__(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        loop, fold, coef = self._groups()
+        loop, fold, coef, fold_key, coef_key = self._groups()
         if not fold and not coef:
             return self._forward_loop(x, loop)
-        weight = self._folded_weight(fold) if fold else self.base.weight
+        weight = self._folded_weight(fold, fold_key) if fold else self.base.weight
         factored = None
         if coef:
-            A, B, m = self._coef_factors(coef)
+            A, B, m = self._coef_factors(coef, coef_key)
             tokens = x.numel() // x.shape[-1]
             if tokens * (A.shape[1] + B.shape[0]) >= A.shape[1] * B.shape[0]:
                 weight = weight + (B * m) @ A  # dense: cheaper than the factored pair here
@@ -319,15 +338,15 @@ class LoRAConv2d(LoRALayer):
         super().__init__(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        loop, fold, coef = self._groups()
+        loop, fold, coef, fold_key, coef_key = self._groups()
         if not loop and not fold and not coef:
             return self.base(x)
         if fold:
-            weight = self._folded_weight(fold).reshape(self.base.weight.shape)
+            weight = self._folded_weight(fold, fold_key).reshape(self.base.weight.shape)
         else:
             weight = self.base.weight
         if coef:
-            A, B, m = self._coef_factors(coef)
+            A, B, m = self._coef_factors(coef, coef_key)
             weight = weight + ((B * m) @ A).reshape(weight.shape)
         if loop:
             weight = weight + self.delta_weight(loop)
