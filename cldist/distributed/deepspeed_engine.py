@@ -138,6 +138,32 @@ class _ModuleSnapshot:
 
 
 
+def _trim_step_overhead(engine, trainable: list[nn.Parameter], zero_stage: int) -> None:
+    """Drop two per-step costs of a ZeRO-0 engine that change no number (`cldist bench step`
+    measured them at ~5% of a small model's step on a CPU):
+
+    * with one data-parallel rank, the gradient all-reduce (flatten every gradient into a
+      buffer, all-reduce it over one rank, copy it back) - an average over one rank is the
+      gradient itself;
+    * its `zero_grad` walks every parameter of the whole model (`named_parameters`) each step
+      to set `.grad = None`; only the trainable set ever gets gradients, so clear just those.
+
+    ZeRO 1-3 reduce and clear gradients inside their own optimiser wrapper: left as they are.
+    """
+    import torch.distributed as dist
+
+    if zero_stage != 0:
+        return
+    if dist.get_world_size() == 1:
+        engine.enable_backward_allreduce = False
+
+    def zero_grad() -> None:
+        for p in trainable:
+            p.grad = None
+
+    engine.zero_grad = zero_grad
+
+
 class DeepSpeedStepEngine:
     """A `StepEngine` backed by `deepspeed.initialize` (one engine per training phase).
 
@@ -196,6 +222,7 @@ class DeepSpeedStepEngine:
         )
         self._engine = engine
         self.module: nn.Module = engine
+        _trim_step_overhead(engine, trainable, zero_stage)
 
     def backward_and_step(self, loss: torch.Tensor) -> None:
         if self._engine is None:

@@ -30,15 +30,32 @@ class NonFiniteLoss(UserError):
     """
 
 
+# Steps between host reads of the loss on a GPU: `float(loss)` makes the host wait for the
+# GPU every step, so the losses stay on the device and are read (and checked) in one go.
+LOSS_CHECK_EVERY_GPU = 32
+
+
 def fit(model: nn.Module, request: FitRequest,
         batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
         steps_per_epoch: int, make_engine: MakeEngine, device: torch.device,
-        on_epoch: OnEpoch | None = None, task_id: int = -1, lr_key: str | None = None) -> dict:
+        on_epoch: OnEpoch | None = None, task_id: int = -1, lr_key: str | None = None,
+        check_every: int | None = None) -> dict:
     """Train `request.params` for `request.epochs` epochs; returns per-epoch losses and timing.
 
     `lr_key` names the config key `request.lr` came from, for the NaN message.
+
+    The NaN/inf check reads the losses on the host every `check_every` steps and at the end of
+    each epoch (default: every step on a CPU, where reading costs nothing, and every
+    `LOSS_CHECK_EVERY_GPU` steps on a GPU, so the host does not wait for the device every
+    step). A non-finite loss raises `NonFiniteLoss` naming the step where it first appeared;
+    with `check_every` > 1 that happens up to `check_every - 1` steps later, after those steps
+    have updated the (by then NaN) weights - the task fails either way and nothing of it is kept.
+    With `check_every` = 1 it raises before the bad step's update, as it always did.
     """
     total_steps = max(1, request.epochs * steps_per_epoch)
+    if check_every is None:
+        check_every = 1 if torch.device(device).type == "cpu" else LOSS_CHECK_EVERY_GPU
+    check_every = max(1, int(check_every))
     begin = time.perf_counter()
     weight_decay = 0.0 if request.weight_decay is None else float(request.weight_decay)
     engine = make_engine(model, request.params, request.lr, weight_decay, total_steps,
@@ -49,27 +66,43 @@ def fit(model: nn.Module, request: FitRequest,
     lrs: list[float] = []
     step = 0
     start = time.perf_counter()
+    # (step, loss on the device, batch size) of the steps whose loss the host has not read yet
+    pending: list[tuple[int, torch.Tensor, int]] = []
+    running = 0.0
+
+    def read_losses() -> None:
+        """Read the pending losses in one transfer, check them, add them to the epoch's sum."""
+        nonlocal running
+        if not pending:
+            return
+        values = torch.stack([loss for _, loss, _ in pending]).tolist()
+        for (at, _, n), value in zip(pending, values):
+            if not math.isfinite(value):
+                key = lr_key or "method.lr / method.stage1_lr"
+                err = NonFiniteLoss(f"task {task_id}, phase {request.phase}: the loss became "
+                                    f"{value} at step {at} with learning rate "
+                                    f"{request.lr:g}; lower {key} (or check the data)")
+                err.resume_overrides = f"--allow-lr-change {lr_key}=LOWER" if lr_key else \
+                    "--allow-lr-change method.lr=LOWER"
+                raise err
+            running += value * n
+        pending.clear()
+
     for epoch in range(request.epochs):
         running, seen = 0.0, 0
         for images, labels in batches(epoch):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             logits = engine.module(images)
             loss = request.loss_fn(logits.float(), labels)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                key = lr_key or "method.lr / method.stage1_lr"
-                err = NonFiniteLoss(f"task {task_id}, phase {request.phase}: the loss became "
-                                    f"{loss_value} at step {step} with learning rate "
-                                    f"{request.lr:g}; lower {key} (or check the data)")
-                err.resume_overrides = f"--allow-lr-change {lr_key}=LOWER" if lr_key else \
-                    "--allow-lr-change method.lr=LOWER"
-                raise err
+            pending.append((step, loss.detach(), labels.shape[0]))
+            if len(pending) >= check_every:
+                read_losses()
             engine.backward_and_step(loss)
             if request.after_step is not None:
                 request.after_step(step, total_steps)
-            running += loss_value * labels.shape[0]
             seen += labels.shape[0]
             step += 1
+        read_losses()
         epoch_loss = running / max(1, seen)
         losses.append(epoch_loss)
         lrs.append(engine.lr())
