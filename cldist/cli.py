@@ -217,44 +217,6 @@ def cmd_run(overrides: list[str], multirun: bool = False) -> int:
     return 0
 
 
-def _read_run_config(run_dir: str) -> tuple[Path, dict]:
-    """RUN/config.json as a dict; a UserError naming the problem when it cannot be read, the
-    directory is not a cldist run (cldist.rundir), or the config does not fit the run."""
-    from .rundir import read_run_file, require_run_dir
-    state = require_run_dir(run_dir)
-    path = Path(run_dir) / "config.json"
-    data = read_run_file(run_dir, "config.json")
-    where = _interpolation(data)
-    if where:
-        # a stored config holds resolved values; `${...}` would be resolved (environment
-        # variables, resolvers) by whoever reads the run next
-        raise UserError(f"{path}: {where[0]} holds the interpolation {where[1]!r}; a run's "
-                        f"stored config holds plain values only - restore the value `cldist run` "
-                        f"wrote")
-    for key in ("method", "backbone"):  # what trained the tasks (state.json, since format 1)
-        was, section = state.get(key), data.get(key)
-        now = section.get("name") if isinstance(section, dict) else None
-        if was is not None and now != was:
-            raise UserError(f"{path}: {key}.name is {now!r}, but this run's tasks were trained "
-                            f"with {key}={was} (state.json); restore {key}.name, or start a "
-                            f"new run for another {key}")
-    return path, data
-
-
-def _interpolation(node, key: str = "") -> tuple[str, str] | None:
-    """The first (dotted key, value) in `node` holding an OmegaConf interpolation."""
-    stack = [(key, node)]
-    while stack:
-        key, node = stack.pop()
-        if isinstance(node, str) and "${" in node:
-            return key or "(top level)", node
-        if isinstance(node, dict):
-            stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in node.items())
-        elif isinstance(node, list):
-            stack.extend((f"{key}[{i}]", v) for i, v in enumerate(node))
-    return None
-
-
 def _apply_overrides(data: dict, overrides: list[str], allow_lr: bool) -> dict[str, object]:
     """Set each KEY=VALUE in `data` (in place); returns the learning rates set, old values."""
     from .config.compose import did_you_mean
@@ -286,39 +248,36 @@ def _refuse_resume_overrides(overrides: list[str], allow_lr: bool) -> None:
 
 
 def cmd_resume(run_dir: str, overrides: list[str], allow_lr: bool = False) -> int:
-    from .rundir import STATE_FILE, require_run_dir, run_dir_lock
+    from .rundir import RunDir
     from .sweep import SWEEP_FILE, resume_sweep
     _refuse_resume_overrides(overrides, allow_lr)  # the arguments first: nothing read yet
-    if (Path(run_dir) / SWEEP_FILE).is_file() and not (Path(run_dir) / STATE_FILE).exists():
+    run = RunDir(run_dir)
+    if (Path(run_dir) / SWEEP_FILE).is_file() and not run.state_path.exists():
         if allow_lr:
             raise UserError(f"{LR_FLAG} applies to one run: `cldist resume "
                             f"{run_dir}/MEMBER {LR_FLAG} ...` for the member that needs it, "
                             f"then `cldist resume {run_dir}` for the rest")
         return resume_sweep(run_dir, overrides)
-    require_run_dir(run_dir)  # a foreign directory gets no lock file
-    with run_dir_lock(run_dir):  # a second writer is refused until this run ends
+    run.require()  # a foreign directory gets no lock file
+    with run.lock():  # a second writer is refused until this run ends
         return _resume_locked(run_dir, overrides, allow_lr)
 
 
 def _resume_locked(run_dir: str, overrides: list[str], allow_lr: bool) -> int:
-    from .atomic import write_json_atomic, write_text_atomic
     from .config.compose import config_from_dict, to_yaml
-    from .coordinator.store import RunState, load_run_manifest
+    from .rundir import RunDir
     from .stream import run_stream
-    path, data = _read_run_config(run_dir)
+    run = RunDir(run_dir)
+    path, data = run.config_path, run.read_config()
     old_lrs = _apply_overrides(data, overrides, allow_lr)
     cfg = config_from_dict(data, origin=str(path))
-    state = RunState(run_dir)  # both read (and checked) before anything is changed
-    load_run_manifest(run_dir)
+    state = run.state()  # both read (and checked) before anything is changed
+    run.read_manifest()
     changed = {k: getattr(cfg.method, k.split(".")[1]) for k, old in old_lrs.items()
                if getattr(cfg.method, k.split(".")[1]) != old}
     if changed:
-        write_json_atomic(path, cfg.to_dict())
-        write_text_atomic(Path(run_dir) / "config.yaml", to_yaml(cfg))
-        history = list(state.data.get("resume_overrides", []))
-        history.append({"overrides": changed, "was": {k: old_lrs[k] for k in changed},
-                        "tasks_finished_before": state.completed})
-        state.set("resume_overrides", history)
+        run.write_config(cfg.to_dict(), to_yaml(cfg))
+        run.record_resume_overrides(state, changed, {k: old_lrs[k] for k in changed})
         print(f"[resume] {changed} applies to the tasks not finished yet; recorded in "
               f"{state.path}", flush=True)
     run_stream(cfg, resume_dir=run_dir)
@@ -337,19 +296,20 @@ def cmd_eval(run_dir: str, class_il: str | None = None, top_k: int | None = None
     task-id accuracy and forwards per image) from a true routed execution (score_routed)."""
     from .config.compose import config_from_dict
     from .config.schema import validate
-    from .coordinator.store import RunState, load_run_manifest
     from .eval.metrics import summarize
+    from .rundir import RunDir
     from .runners.inline import InlineRunner
     from .stream import stream_evaluator, task_il_metrics
     from .train.task import make_method
-    path, data = _read_run_config(run_dir)
+    run = RunDir(run_dir)
+    path, data = run.config_path, run.read_config()
     cfg = config_from_dict(data, origin=str(path))
     for key, value in (("class_il", class_il), ("top_k", top_k), ("combine", combine)):
         if value is not None:
             setattr(cfg.eval, key, value)
     validate(cfg)  # --top-k 0 is named like eval.top_k=0 would be
-    manifest = load_run_manifest(run_dir)
-    state = RunState(run_dir)
+    manifest = run.read_manifest()
+    state = run.state()
     n = manifest.n_tasks
     missing = [t for t in range(n) if t not in state.completed]
     if missing:
@@ -374,15 +334,11 @@ def cmd_eval(run_dir: str, class_il: str | None = None, top_k: int | None = None
 
 def cmd_report(run_dirs: list[str], out: str | None, tensorboard: bool = True) -> int:
     from .report.report import html_path, write_comparison, write_report
-    from .rundir import require_run_dir, run_dir_lock
+    from .rundir import RunDir
     if len(run_dirs) == 1:
-        try:
-            require_run_dir(run_dirs[0])
-            ours = True
-        except UserError:  # a hand-made metrics.json: nothing of cldist's to lock
-            ours = False
-        if ours:
-            with run_dir_lock(run_dirs[0]):  # not while a run or resume writes into it
+        run = RunDir(run_dirs[0])
+        if run.is_run():  # else a hand-made metrics.json: nothing of cldist's to lock
+            with run.lock():  # not while a run or resume writes into it
                 markdown = write_report(run_dirs[0], tensorboard=tensorboard)
         else:
             markdown = write_report(run_dirs[0], tensorboard=tensorboard)

@@ -16,12 +16,9 @@ from pathlib import Path
 
 from .config.compose import to_yaml
 from .config.schema import RunConfig
-from .atomic import write_json_atomic, write_text_atomic
-from .coordinator.store import RunState, load_run_manifest, prepare_resume, save_run_manifest
 from .data.manifest import Manifest
 from .errors import Interrupted, UserError
-from .rundir import (STATE_FILE, acquire_lock, foreign_entries, release_lock,
-                     require_run_dir)
+from .rundir import RunDir
 from .eval.metrics import accuracy_after, summarize
 from .eval.scoring import (fit_router, routed_row_from_blocks, row_from_blocks,
                            task_il_from_blocks)
@@ -103,58 +100,19 @@ def preflight(cfg: RunConfig, manifest: Manifest) -> None:
         raise UserError(f"method.targets={cfg.method.targets}: {e}") from None
 
 
-def _refuse_non_empty(run_dir: Path) -> None:
-    """A run starts only in a new or empty directory: anything else is a run (resume it) or
-    someone else's files, which cldist must never fill with tasks/ nor overwrite."""
-    foreign = foreign_entries(run_dir)
-    if not foreign:
-        return
-    if STATE_FILE in foreign:
-        try:
-            require_run_dir(run_dir)
-            ours = True
-        except UserError:
-            ours = False
-        if ours:
-            raise UserError(f"{run_dir} already holds a run; `cldist resume {run_dir}` "
-                            f"continues it, or choose another run_dir=")
-    raise UserError(f"run_dir={run_dir} is not empty and holds no cldist run "
-                    f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
-                    f"cldist writes only into a new or empty directory - choose another "
-                    f"run_dir=")
-
-
 def prepare_run_dir(cfg: RunConfig, manifest: Manifest) -> Path:
-    """Create the run directory, take its lock and write its files, marker first.
-
-    The lock stays held by this process (cldist.rundir; run_stream releases it when the run
-    ends); state.json - the marker that makes the directory cldist's - is written before any
-    other file, so a directory holding cldist's files always says it is cldist's.
-    """
+    """Create the run directory, take its lock and write its files, marker first
+    (RunDir.create). The lock stays held by this process; run_stream releases it when the
+    run ends."""
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run_dir={run_dir} is not a directory; choose another run_dir=")
-    if run_dir.is_dir():
-        _refuse_non_empty(run_dir)
+    given = cfg.run_dir
+    cfg.run_dir = str(run_dir)  # what config.json records
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create run_dir={run_dir} ({e.strerror or e}); choose another "
-                        f"run_dir=") from None
-    acquire_lock(run_dir)
-    try:
-        _refuse_non_empty(run_dir)  # again under the lock: another `cldist run` may have won
-        cfg.run_dir = str(run_dir)
-        state = RunState(run_dir)
-        state.data.update(method=cfg.method.name, backbone=cfg.backbone.name)
-        state.data["status"] = "starting"
-        state.save()
-        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))  # a full disk: a message
-        write_json_atomic(run_dir / "config.json", cfg.to_dict())
-        write_json_atomic(run_dir / "seeds.json", seed_record(cfg, manifest))
-        save_run_manifest(run_dir, manifest)
+        RunDir(run_dir).create(method=cfg.method.name, backbone=cfg.backbone.name,
+                               config=cfg.to_dict(), config_yaml=to_yaml(cfg),
+                               seeds=seed_record(cfg, manifest), manifest=manifest)
     except BaseException:
-        release_lock(run_dir)
+        cfg.run_dir = given
         raise
     return run_dir
 
@@ -374,7 +332,7 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None, *, job_slot
                progress_stream=None) -> dict:
     """Train and evaluate the stream `cfg` describes; returns metrics.json's content.
 
-    The run directory's lock is held until it returns (cldist.rundir); SIGTERM/SIGINT stop the
+    The run directory's lock is held until it returns (RunDir); SIGTERM/SIGINT stop the
     run at once, recorded as "interrupted" in state.json, and raise Interrupted. A sweep
     (cldist.sweep) runs several streams side by side: `job_slots`, a semaphore its runs share,
     bounds their Ray jobs together, and `progress_stream` is where this run's progress lines
@@ -388,21 +346,21 @@ def run_stream(cfg: RunConfig, resume_dir: str | Path | None = None, *, job_slot
             run_dir = prepare_run_dir(cfg, manifest)  # takes the lock
         else:
             run_dir = Path(resume_dir)
-            acquire_lock(run_dir)  # re-entrant: `cldist resume` holds it already
+            RunDir(run_dir).acquire_lock()  # re-entrant: `cldist resume` holds it already
         try:
             return _run_locked(cfg, run_dir, resume_dir is not None, signals, job_slots,
                                progress_stream)
         except Interrupted as e:
             e.stopped_run = e.stopped_run or str(run_dir)
             try:  # stopped before the runner existed, or it could not record it
-                state = RunState(run_dir)
+                state = RunDir(run_dir).state()
                 if state.data.get("status") != "interrupted":
                     state.set("status", "interrupted")
             except Exception:  # noqa: BLE001 - the interruption is the news
                 pass
             raise
         finally:
-            release_lock(run_dir)
+            RunDir(run_dir).release_lock()
     finally:
         signals.restore()
 
@@ -411,12 +369,13 @@ def _run_locked(cfg: RunConfig, run_dir: Path, resuming: bool, signals: _Signals
                 job_slots=None, progress_stream=None) -> dict:
     wall_start = time.perf_counter()
     resume_dir = run_dir if resuming else None
-    manifest = load_run_manifest(run_dir)
+    run = RunDir(run_dir)
+    manifest = run.read_manifest()
     n = manifest.n_tasks
     method = make_method(cfg)
     deps = {t: d for t, d in enumerate(method.task_graph(n))}
     if resume_dir is not None:
-        for note in prepare_resume(run_dir, deps, n):
+        for note in run.prepare_resume(deps, n):
             print(f"[resume] {note}", flush=True)
     progress = Progress(n, stream=progress_stream)
     runner = make_runner(cfg, run_dir, progress, job_slots)
@@ -425,7 +384,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, resuming: bool, signals: _Signals
     coordinator.set("status", "running")
     done_before = set(coordinator.snapshot()["completed_tasks"])
     progress.mark_done(done_before)  # a resumed run's finished tasks count in the status/ETA
-    tb = TensorBoardLogger(run_dir / "tb")
+    tb = TensorBoardLogger(run.tb_path)
     lock = threading.Lock()
     n_test = [t.n_test for t in manifest.tasks]
     evaluator = stream_evaluator(cfg, manifest, method.prediction, runner)
@@ -505,7 +464,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, resuming: bool, signals: _Signals
                "kernels": sorted({m["kernels"] for m in meta.values() if "kernels" in m}),
                **task_il_metrics(evaluator.task_il_rows, n_test),
                **evaluator.class_il_metrics()}
-    write_json_atomic(run_dir / "metrics.json", metrics)
+    run.write_metrics(metrics)
     coordinator.set("status", "finished")
     tb.log_hparams(_flat_hparams(cfg), {k: metrics[k] for k in ("acc", "aaa", "forgetting", "bwt",
                                                                 "params_per_task", "wall_seconds")})

@@ -29,9 +29,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from .atomic import write_json_atomic
 from .errors import ConfigError, Interrupted, UserError
-from .rundir import acquire_lock, foreign_entries, read_json, release_lock
+from .rundir import (RunDir, acquire_lock, foreign_entries, read_json, release_lock,
+                     write_json_atomic)
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT = "cldist-sweep"
@@ -638,9 +638,8 @@ def resume_sweep(sweep_dir: str | Path, overrides: list[str]) -> int:
     """`cldist resume SWEEP`: finished members are kept, interrupted or failed ones resume
     from their last committed task, members that never started start now. `overrides` may
     change only where and how the members run (cli.RESUME_OVERRIDABLE)."""
-    from .cli import _apply_overrides, _read_run_config
+    from .cli import _apply_overrides
     from .config.compose import config_from_dict
-    from .rundir import require_run_dir
     sweep_dir = Path(sweep_dir)
     acquire_lock(sweep_dir)
     try:
@@ -648,21 +647,22 @@ def resume_sweep(sweep_dir: str | Path, overrides: list[str]) -> int:
         fresh, configs, jobs, problems = [], {}, {}, []
         for m in members:
             run_dir = sweep_dir / m.name
+            run = RunDir(run_dir)
             state = None
-            if run_dir.is_dir() and foreign_entries(run_dir):
+            if run_dir.is_dir() and run.foreign_entries():
                 try:
-                    state = require_run_dir(run_dir)
+                    state = run.require()
                 except UserError as e:
                     problems.append(f"member {m.name}: {e}")
                     continue
             if state is None:
                 fresh.append(m)
                 continue
-            if state.get("status") == "finished" and (run_dir / "metrics.json").is_file():
+            if state.get("status") == "finished" and run.metrics_path.is_file():
                 m.status = "finished"
                 continue
             try:
-                path, data = _read_run_config(str(run_dir))
+                path, data = run.config_path, run.read_config()
                 _apply_overrides(data, overrides, False)
                 cfg = config_from_dict(data, origin=str(path))
             except UserError as e:
@@ -739,11 +739,11 @@ def paired_comparisons(members: list[Member], baseline: dict[str, str], metrics:
 def write_sweep_report(sweep_dir: Path, header: dict, members: list[Member]) -> Path | None:
     """SWEEP/comparison.md (+ .html): the comparison of the finished members, with the paired
     table when the sweep names a baseline. None when no member has finished."""
-    from .report.report import load_metrics, write_comparison
+    from .report.report import write_comparison
     finished = [m for m in members if m.status == "finished"]
     if not finished:
         return None
-    metrics = {m.name: load_metrics(sweep_dir / m.name) for m in finished}
+    metrics = {m.name: RunDir(sweep_dir / m.name).read_metrics() for m in finished}
     extra = []
     baseline = header.get("baseline")
     if baseline:

@@ -433,7 +433,7 @@ def disk_full_on_commit(w: World):
     """ENOSPC from the atomic writer while state.json records task 1 as finished."""
     # The trigger is what is written (the first state that lists task 1), not a write count,
     # so the case still hits the commit if the driver writes state.json more or less often.
-    import cldist.atomic as atomic
+    import cldist.rundir.atomic as atomic
     real = atomic._write_and_sync
 
     def full(fh, data: bytes):

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from cldist.coordinator.statistics import ClassStatistics, merge_all
-from cldist.coordinator.store import load_task_tensors
+from cldist.rundir import RunDir
 from cldist.train.statistics import STATS_STEM, statistics_from_tensors
 
 from .conftest import first_tasks, tiny_overrides
@@ -47,7 +47,7 @@ def _run(data: Path, run_dir: Path, *extra: str) -> dict:
 
 
 def _stats(run_dir: Path, group: str, order=range(N_TASKS)) -> ClassStatistics:
-    return merge_all(statistics_from_tensors(load_task_tensors(run_dir, t)[STATS_STEM],
+    return merge_all(statistics_from_tensors(RunDir(run_dir).read_task_weights(t)[STATS_STEM],
                                              f"task {t}")[group] for t in order)
 
 
@@ -97,12 +97,11 @@ def test_b_saved_statistics_are_the_training_images_statistics(three_tasks, prob
     """Merged over tasks (in any order) = computed here in one go from every training image
     through the reference network, with the test-time transform."""
     from cldist.config.compose import compose
-    from cldist.coordinator.store import load_run_manifest
     from cldist.data import TaskReader
     from cldist.train.task import build_model, make_method, transforms
     _, run_dir = probe_inline
     cfg = compose(tiny_overrides(three_tasks, run_dir, "method=linear_probe"))
-    manifest = load_run_manifest(run_dir)
+    manifest = RunDir(run_dir).read_manifest()
     model = build_model(cfg, make_method(cfg), manifest, run_dir).eval()
     _, test_tf = transforms(cfg, manifest)
     feats, labels = [], []

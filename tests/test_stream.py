@@ -116,8 +116,8 @@ def test_loader_workers_decode_ahead(tmp_path, digits_dir):
     # every step of every epoch got a batch from the workers (fit stops early when the stream
     # runs dry). Not an accuracy check: the random-init test ViT stays near chance on 8 steps
     # with or without workers (50-60 % measured), so "> 50" proved nothing.
-    from cldist.coordinator.store import load_run_manifest
-    manifest = load_run_manifest(run_dir)
+    from cldist.rundir import RunDir
+    manifest = RunDir(run_dir).read_manifest()
     for t in range(2):
         meta = json.loads((run_dir / "tasks" / f"{t:03d}" / "meta.json").read_text())
         [fit] = meta["fits"]

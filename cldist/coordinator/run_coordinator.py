@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from ..rundir import RunDir
 from .ranks import allocate_rank
-from .store import RunState, commit_task, stage_copy, task_dir
 
 
 def allocate_layer(name: str, w_ref, w_task, params: dict) -> tuple[str, dict]:
@@ -35,7 +35,8 @@ def allocate_ranks_locally(task_vectors: dict, params: dict) -> dict:
 class RunCoordinator:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.state = RunState(run_dir)
+        self.run = RunDir(run_dir)
+        self.state = self.run.state()
         self._lock = threading.Lock()
 
     def allocate_ranks(self, task_vectors: dict, params: dict) -> dict:
@@ -44,16 +45,16 @@ class RunCoordinator:
     def commit(self, task_id: int, staging: str, meta: dict) -> None:
         """Move a staged task into place, then record it (state.json is written last)."""
         with self._lock:
-            commit_task(self.run_dir, task_id, staging)
+            self.run.commit_task(task_id, staging)
             self.state.record_task(task_id, meta)
 
     def commit_copy(self, task_id: int, source: str, meta: dict) -> bool:
         """Commit a copy of `source` (which stays as it is) unless the task is committed
         already; True when this call committed it."""
         with self._lock:
-            if task_dir(self.run_dir, task_id).exists():
+            if self.run.has_task(task_id):
                 return False
-            commit_task(self.run_dir, task_id, stage_copy(self.run_dir, task_id, source))
+            self.run.commit_task(task_id, self.run.stage_copy(task_id, source))
             self.state.record_task(task_id, meta)
             return True
 

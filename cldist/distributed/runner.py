@@ -46,8 +46,8 @@ import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..config.schema import RunConfig, gpu_shares
-from ..coordinator.store import task_dir
 from ..eval.scoring import Block, SingleScores, saved_task_statistics
+from ..rundir import RunDir
 from ..runners import OnTaskDone, ready_order
 from ..train.task import TaskJob
 from .actors import CoordinatorActor, CoordinatorProxy, EvaluatorActor
@@ -442,7 +442,7 @@ class RayRunner:
         # every report of a finished slot was committed as a copy: drop the originals, as the
         # driver's commit does for the other jobs' reports
         for metrics, checkpoint_dir in result.reports:
-            if task_dir(self.run_dir, int(metrics["task_id"])).exists():
+            if RunDir(self.run_dir).has_task(int(metrics["task_id"])):
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)
         self._print_events()
         retries = max(self.attempts.pop(name, 1) - 1, len(self.failures.get(name, [])))

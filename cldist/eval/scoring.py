@@ -44,10 +44,10 @@ from safetensors.torch import load_file
 
 from ..config.schema import RunConfig
 from ..coordinator.statistics import ClassStatistics, merge_all
-from ..coordinator.store import load_run_manifest, load_task_into, task_dir
 from ..data import TaskReader
 from ..errors import UserError
 from ..models.continual import ContinualClassifier
+from ..rundir import RunDir
 from ..train.statistics import (STATS_STEM, router_projection, statistics_from_tensors,
                                 statistics_pass)
 from ..train.task import build_model, make_method, transforms
@@ -93,7 +93,7 @@ class RoutedScores:
 def saved_task_statistics(run_dir, task_id: int) -> ClassStatistics | None:
     """The reference-network class statistics a task's job saved (tasks/TTT/stats.safetensors,
     group "ref"); None for a run made before jobs saved them."""
-    path = task_dir(run_dir, task_id) / f"{STATS_STEM}.safetensors"
+    path = RunDir(run_dir).task_dir(task_id) / f"{STATS_STEM}.safetensors"
     if not path.is_file():
         return None
     hint = (f"delete {path} and `cldist eval {run_dir}` collects the statistics again from the "
@@ -170,8 +170,9 @@ class Scorer:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, device: str = "cpu"):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run = RunDir(self.run_dir)
         self.device = torch.device(device)
-        self.manifest = load_run_manifest(self.run_dir)
+        self.manifest = self.run.read_manifest()
         self.method = make_method(cfg)
         self._new_model()
         self._test_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -191,7 +192,7 @@ class Scorer:
     def load_tasks(self, task_ids: Sequence[int]) -> None:
         for t in task_ids:
             if t not in self.loaded:
-                load_task_into(self.method, self.model, self.run_dir, t)  # names a misfit file
+                self.run.load_task_into(self.method, self.model, t)  # names a misfit file
                 self.model.to(self.device).eval()
                 self.loaded.add(t)
 

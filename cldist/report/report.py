@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from cldist.errors import UserError
-from cldist.eval.metrics import summarize, validate_matrix
+from cldist.eval.metrics import summarize
 from cldist.report import plots
 from cldist.report.document import (
     Document,
@@ -41,6 +41,7 @@ from cldist.report.document import (
     render_markdown,
     write_text_atomic,
 )
+from cldist.rundir import RunDir
 from cldist.report.summary import (
     flatten_config,
     SUMMARY_COLUMNS,
@@ -49,8 +50,6 @@ from cldist.report.summary import (
     summary_row,
 )
 
-REQUIRED_KEYS = ("acc", "aaa", "forgetting", "bwt", "accuracy_matrix", "n_tasks", "method",
-                 "params_per_task", "wall_seconds")
 HEADER_KEYS = ("scenario", "backbone", "seed", "runner", "kernels")
 # A markdown grid of the matrix is readable up to about this many tasks; the heatmap always is.
 MAX_MARKDOWN_MATRIX_TASKS = 12
@@ -73,52 +72,9 @@ TENSORBOARD_SUBDIR = "report"
 # --------------------------------------------------------------------------- reading a run
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:
-    """Read and check `RUN/metrics.json`; a missing file or key is a UserError naming it."""
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        raise UserError(
-            f"{path} not found: the run has not finished. Finish it with "
-            f"`cldist resume {run_dir}`, or pass a finished run directory.")
-    metrics = _read_json(path, f"re-create it with `cldist eval {run_dir}`")
-    missing = [key for key in REQUIRED_KEYS if key not in metrics]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}; re-create it with "
-                        f"`cldist eval {run_dir}`")
-    try:
-        validate_matrix(metrics["accuracy_matrix"])
-    except ValueError as error:
-        raise UserError(f"{path}: {error}") from error
-    return metrics
-
-
-def load_state(run_dir: str | Path) -> dict[str, Any]:
-    """`RUN/state.json`, or {} when the run directory has none (a hand-made metrics.json)."""
-    path = Path(run_dir) / "state.json"
-    return _read_json(path, "the run directory is damaged") if path.is_file() else {}
-
-
-def load_config(run_dir: str | Path) -> dict[str, Any]:
-    """The run's resolved config (`config.json`, else `config.yaml`), or {} when neither exists."""
-    run_dir = Path(run_dir)
-    if (run_dir / "config.json").is_file():
-        return _read_json(run_dir / "config.json", "the run directory is damaged")
-    if (run_dir / "config.yaml").is_file():
-        import yaml
-
-        try:
-            return yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise UserError(f"{run_dir / 'config.yaml'} is not valid YAML ({error})") from error
-    return {}
-
-
-def _read_json(path: Path, remedy: str) -> dict[str, Any]:
-    """A JSON object from `path`, size- and depth-capped (cldist.rundir.read_json)."""
-    from ..rundir import read_json
-    try:
-        return read_json(path, remedy)
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; {remedy}") from None
+    """`RUN/metrics.json`, checked (RunDir.read_metrics): a missing file or key is a UserError
+    naming it."""
+    return RunDir(run_dir).read_metrics()
 
 
 # --------------------------------------------------------------------------- derived series
@@ -218,8 +174,9 @@ def write_report(run_dir: str | Path, tensorboard: bool = True) -> Path:
     writing the report again replaces them.
     """
     run_dir = Path(run_dir)
-    metrics = load_metrics(run_dir)
-    state = load_state(run_dir)
+    run = RunDir(run_dir)
+    metrics = run.read_metrics()
+    state = run.read_state()
     document = build_run_document(run_dir, metrics, state)
     markdown = write_text_atomic(run_dir / "report.md", render_markdown(document, run_dir))
     write_text_atomic(html_path(markdown), render_html(document))
@@ -514,8 +471,9 @@ def write_comparison(run_dirs: Sequence[str | Path], out_path: str | Path,
     names = _unique_names([Path(d) for d in run_dirs])
     runs = []
     for name, run_dir in zip(names, run_dirs):
-        metrics = load_metrics(run_dir)
-        config = load_config(run_dir)
+        run = RunDir(run_dir)
+        metrics = run.read_metrics()
+        config = run.read_config(checked=False)
         seed = config.get("seed", metrics.get("seed", "-"))
         runs.append(ComparedRun(Path(run_dir), name, metrics, configuration_of(config, metrics),
                                 seed))

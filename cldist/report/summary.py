@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from ..atomic import write_json_atomic  # noqa: F401  (re-exported by cldist.report)
+from ..rundir.atomic import write_json_atomic  # noqa: F401  (re-exported by cldist.report)
 
 SUMMARY_COLUMNS = ["method", "n_tasks", "Acc", "AAA", "forgetting", "BWT", "params/task",
                    "wall time"]

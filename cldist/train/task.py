@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,8 +30,7 @@ from ..methods.base import ContinualMethod, FitRequest, TaskContext, get_method_
 from ..models.backbone import BackboneSpec, build_backbone, default_normalization
 from ..models.continual import ContinualClassifier
 from ..models.inject import split_fused_qkv
-from ..coordinator.store import (load_reference_into, load_run_manifest, load_task_into,
-                                 write_task_dir)
+from ..rundir import RunDir
 from . import loop
 from .engine import TorchStepEngine
 from .statistics import (STATS_STEM, collect_task_statistics, router_projection,
@@ -73,7 +71,7 @@ def build_model(cfg: RunConfig, method: ContinualMethod, manifest: Manifest,
     classes = [len(t.classes) for t in manifest.tasks]
     model = method.build(backbone, int(backbone.num_features), classes)
     model.head_init = cfg.method.head_init
-    load_reference_into(method, model, run_dir)
+    RunDir(run_dir).load_reference_into(method, model)
     return model
 
 
@@ -147,11 +145,12 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
     started_at = time.time()  # wall clock: when tasks of concurrent runs overlapped
     cfg = job.cfg
     device = torch.device(device)
-    manifest = load_run_manifest(job.run_dir)
+    run = RunDir(job.run_dir)
+    manifest = run.read_manifest()
     method = make_method(cfg)
     model = build_model(cfg, method, manifest, job.run_dir)
     for dep in method.state_dependencies(job.task_id):
-        load_task_into(method, model, job.run_dir, dep)
+        run.load_task_into(method, model, dep)
     model.to(device)
     setup_seconds = time.perf_counter() - start  # building the model, loading dependencies
     train_tf, _ = transforms(cfg, manifest)
@@ -245,14 +244,13 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                  "kernels": kernels(device), "started_at": started_at,
                  "finished_at": time.time()})
     if rank == 0:
-        root = Path(staging_root) if staging_root else Path(job.run_dir) / "tasks"
-        staging = root / f".staging-{t:03d}-{uuid.uuid4().hex[:8]}"
+        staging = run.staging_dir(t, root=staging_root)
         # a method that trains its own reference does so on task 0 (PEARL without pre-training)
         tensors = method.task_state(model, t)
         if stats_tensors is not None:  # committed with the task, in the same staged directory
             tensors = {**tensors, STATS_STEM: stats_tensors}
-        write_task_dir(staging, tensors, json_safe(meta),
-                       reference=method.reference_state(model) if t == 0 else None)
+        RunDir.write_task_files(staging, tensors, json_safe(meta),
+                                reference=method.reference_state(model) if t == 0 else None)
         meta["staging_dir"] = str(staging)
     return meta
 

@@ -21,7 +21,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.json"

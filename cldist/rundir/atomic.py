@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import StorageError
+from ..errors import StorageError
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
