@@ -45,10 +45,14 @@ def first_tasks(data_dir: Path, out: Path, n_tasks: int) -> Path:
 
 
 def tiny_overrides(data_dir, run_dir, *extra):
-    """A seconds-long PEARL stream on the digits shards with timm's test ViT."""
+    """A seconds-long PEARL stream on the digits shards with timm's test ViT (another method
+    with `method=NAME` in `extra`; PEARL's own keys only go to PEARL, since a method refuses
+    keys it does not have)."""
+    method = next((e.split("=", 1)[1] for e in extra if e.startswith("method=")), "pearl")
+    pearl = ["method.stage1_epochs=1", "method.reference_epochs=3"] if method == "pearl" else []
     return ["scenario=digits_5t", f"scenario.manifest={data_dir}", "backbone=test_vit",
-            f"run_dir={run_dir}", "method.epochs=2", "method.stage1_epochs=1",
-            "method.reference_epochs=3", "trainer.batch_size=32", "report=false", *extra]
+            f"run_dir={run_dir}", "method.epochs=2", *pearl, "trainer.batch_size=32",
+            "report=false", *extra]
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:

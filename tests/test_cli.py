@@ -27,6 +27,9 @@ def _run(argv, capsys):
     ("runner=spark", ["runner=spark", "inline"]),
     ("trainer.zero_stage=7", ["trainer.zero_stage=7"]),
     ("method.min_rank=0", ["method.min_rank=0"]),
+    # a key PEARL does not have (another method's): refused by name, not silently ignored
+    ("method.kappa_max=1", ["method.kappa_max", "does not exist"]),
+    ("method.rank=4", ["method.rank", "does not exist"]),
 ])
 def test_bad_override(tmp_path, digits_dir, capsys, override, expected):
     run_dir = tmp_path / "run"

@@ -21,10 +21,10 @@ from torch import nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from cldist.config.schema import (BackboneConfig, MethodConfig, RunConfig, method_options,
-                                  resolve_targets, validate)
+import cldist.methods  # noqa: F401  - registers every method
+from cldist.config.compose import config_from_dict
+from cldist.config.schema import MethodOptions, RouterConfig, resolve_targets
 from cldist.errors import ConfigError
-from cldist.methods import load_all  # noqa: F401  - registers every method
 from cldist.methods.base import METHODS, TaskContext
 from cldist.methods.codyra import ADAPTER as CODYRA_ADAPTER
 from cldist.methods.inflora import layer_tokens
@@ -73,19 +73,17 @@ EVAL_X = torch.cat(TEST)
 
 
 # -- method, model, context ------------------------------------------------------------------
-def method_config(name: str, **overrides) -> RunConfig:
+def method_config(name: str, **overrides):
     path = ROOT / "configs" / "method" / f"{name}.yaml"
-    raw = OmegaConf.load(path) if path.exists() else {"name": name}
-    # typed like Hydra does it: an unknown key or a wrongly typed value fails here
-    method = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MethodConfig), raw, overrides))
-    backbone = OmegaConf.to_object(OmegaConf.merge(
-        OmegaConf.structured(BackboneConfig), OmegaConf.load(ROOT / "configs/backbone/test_vit.yaml")))
-    return validate(RunConfig(method=method, backbone=backbone))
+    raw = OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else {"name": name}
+    # typed by the method's options class as Hydra does it: an unknown key or a wrongly typed
+    # value fails here, with every bad value
+    backbone = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/backbone/test_vit.yaml"))
+    return config_from_dict({"method": {**raw, **overrides}, "backbone": backbone}, format1=False)
 
 
 def make_method(name: str, **overrides):
-    cfg = method_config(name, **overrides)
-    return METHODS[name](method_options(cfg), resolve_targets(cfg), is_cnn=False)
+    return METHODS[name].from_run(method_config(name, **overrides))
 
 
 class TinyCNN(nn.Module):
@@ -110,7 +108,7 @@ CNN_TARGETS = ["c1", "c2", "c3"]
 
 def make_cnn_method(name: str, **overrides):
     cfg = method_config(name, **{"epochs": 2, **overrides})
-    return METHODS[name](method_options(cfg), CNN_TARGETS, is_cnn=True)
+    return METHODS[name].from_run(cfg, CNN_TARGETS, is_cnn=True)
 
 
 def fresh_model(method, reference=None):
@@ -121,7 +119,7 @@ def fresh_model(method, reference=None):
         backbone = build_backbone(BackboneSpec(name="test_vit", img_size=SIZE, patch_size=4))
         split_fused_qkv(backbone)
     model = method.build(backbone, int(backbone.num_features), [CLASSES] * N_TASKS)
-    model.head_init = method.cfg.get("head_init", "default")  # as build_model sets it
+    model.head_init = method.options.head_init  # as build_model sets it
     if reference is not None:
         method.load_reference_state(model, reference)
     return model
@@ -147,8 +145,8 @@ class CheckingEngine(TorchStepEngine):
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def make_ctx(t: int, train=TRAIN, log: list | None = None, optimizer: str = "adamw",
-             weight_decay: float = 0.0, before_fit=None, after_fit=None,
+def make_ctx(t: int, train=TRAIN, log: list | None = None,
+             options: MethodOptions = MethodOptions(), before_fit=None, after_fit=None,
              engines: list | None = None) -> TaskContext:
     """`fit` fills in the run's optimiser keys as train_task does; `before_fit(model, request)`
     and `after_fit(model, request)` see every phase; `engines` collects every engine made."""
@@ -167,7 +165,7 @@ def make_ctx(t: int, train=TRAIN, log: list | None = None, optimizer: str = "ada
 
     def fit(model, request):
         source, n = (seen, (t + 1) * len(y)) if request.data == "seen" else (batches, len(y))
-        request = with_run_defaults(request, optimizer, weight_decay)  # as train_task does
+        request = with_run_defaults(request, options)  # as train_task does
         requested = {id(p) for p in request.params}
         frozen = {k: p.detach().clone() for k, p in model.named_parameters() if id(p) not in requested}
         if before_fit is not None:
@@ -235,16 +233,17 @@ def train_stream(method, train=TRAIN, n_tasks: int = N_TASKS, **ctx_hooks):
         for dep in method.state_dependencies(t):
             method.load_task_state(model, dep, roundtrip(run["states"][dep]))
         log: list = []
-        ctx = make_ctx(t, train, log, method.cfg.get("optimizer", "adamw"),
-                       float(method.cfg.get("weight_decay", 0.0)), **ctx_hooks)
+        ctx = make_ctx(t, train, log, method.options, **ctx_hooks)
         meta = method.learn_task(model, ctx)
         if t == 0:
             ref = method.reference_state(model)
             run["reference"] = None if ref is None else {k: v.clone() for k, v in ref.items()}
         state = method.task_state(model, t)
         if method.class_statistics:  # as the task job does after learning
-            projection = router_projection(int(method.cfg["router"]["projection_dim"]),
-                                           model.feature_dim, int(method.cfg["seed"]))
+            # the run's router settings (slda holds them; the others take the defaults)
+            projection = router_projection(
+                getattr(method, "projection_dim", RouterConfig().projection_dim),
+                model.feature_dim, getattr(method, "seed", 0))
             stats = collect_task_statistics(model, method, t, task_classes(t),
                                             lambda: ctx.train_batches(0), CPU, projection)
             state = {**state, STATS_STEM: statistics_tensors(stats)}
@@ -323,6 +322,155 @@ def test_new_method_options_are_validated():
         assert key in str(e.value)
 
 
+def test_yaml_defaults_are_the_options_defaults():
+    """A method's options dataclass and its configs/method/<name>.yaml give the same values,
+    and the YAML names no key the method does not have (config_from_dict refuses those)."""
+    for name, cls in METHODS.items():
+        assert dataclasses.asdict(method_config(name).method) == \
+            dataclasses.asdict(cls.Options()), f"configs/method/{name}.yaml != {cls.Options}"
+
+
+def test_a_method_refuses_keys_it_does_not_have():
+    """Every unknown key is named, with the bad values, in one error (`cldist run` refuses them
+    through Hydra: tests/test_cli.py)."""
+    with pytest.raises(ConfigError) as e:
+        method_config("pearl", gpm_epz=0.5, kappa_maximum=1, stage1_lr=-1.0)
+    text = str(e.value)
+    assert "'method.gpm_epz' does not exist for method pearl" in text
+    assert "'method.kappa_maximum' does not exist for method pearl" in text
+    assert "method.stage1_lr=-1.0" in text
+
+
+def test_format1_config_json_round_trips():
+    """config.json keeps run-directory format 1: every flat key in its order, the values a run
+    wrote carried through even where the method has no such key."""
+    from cldist.config.schema import FORMAT1_METHOD_KEYS
+    from cldist.methods.sdlora import SDLoRAOptions
+    old = {**FORMAT1_METHOD_KEYS, **dataclasses.asdict(SDLoRAOptions()), "stage1_lr": 0.5}
+    backbone = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/backbone/test_vit.yaml"))
+    cfg = config_from_dict({"method": old, "backbone": backbone})
+    assert type(cfg.method) is SDLoRAOptions and not hasattr(cfg.method, "stage1_lr")
+    written = cfg.to_dict()["method"]
+    assert written == old and list(written) == list(FORMAT1_METHOD_KEYS)
+    assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def test_phases_name_their_learning_rate_key():
+    """A FitRequest names its options key; the trainer reads it (not a float compared with
+    every key: with lr == stage1_lr that guess named neither)."""
+    from cldist.methods.base import FitRequest
+    from cldist.methods.pearl import PearlOptions
+    opts = PearlOptions(lr=1e-3, stage1_lr=1e-3, epochs=5)
+    stage1 = with_run_defaults(FitRequest("s1", [], lr_key="stage1_lr", loss_fn=lambda x, y: x,
+                                          epochs=2), opts)
+    assert (stage1.lr, stage1.epochs, stage1.lr_key) == (1e-3, 2, "stage1_lr")
+    main = with_run_defaults(FitRequest("s2", [], loss_fn=lambda x, y: x), opts, epochs=7)
+    assert (main.lr, main.epochs, main.optimizer) == (1e-3, 7, "adamw")
+    phases = {r.phase: r.lr_key for r in stream("pearl")["requests"][1]}
+    assert phases == {"stage1": "stage1_lr", "stage2": "lr"}
+
+
+def test_optimizer_names_are_the_trainers():
+    from cldist.config.schema import OPTIMIZERS
+    from cldist.train.engine import OPTIMIZERS as BUILT
+    assert OPTIMIZERS == BUILT
+
+
+def test_imports_point_one_way():
+    """config/ imports no method, trainer or coordinator; the registry is full whichever
+    module of cldist.methods (or a module using it) is imported first."""
+    import subprocess
+    import sys
+    checks = [
+        "import sys, cldist.config.compose, cldist.config.schema; "
+        "bad = [m for m in sys.modules if m.startswith(('cldist.methods', 'cldist.train', "
+        "'cldist.coordinator', 'cldist.eval', 'cldist.models'))]; assert not bad, bad",
+        "import cldist.methods.base as b; assert len(b.METHODS) >= 11, sorted(b.METHODS)",
+        "import cldist.train.loop, cldist.methods as m; assert 'pearl' in m.METHODS",
+        "import cldist.methods.slda; from cldist.config.schema import METHOD_OPTIONS; "
+        "assert 'sdlora_kd' in METHOD_OPTIONS",
+    ]
+    for code in checks:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, f"{code}\n{done.stderr[-2000:]}"
+
+
+def test_a_new_method_is_one_file_one_yaml_one_row(tmp_path, digits_dir, monkeypatch):
+    """README "Adding a method": the options dataclass and the method (here, in this test), its
+    YAML, and nothing else - `cldist run method=tiny_probe` composes it (its own key typed and
+    overridable, a key it lacks refused) and runs it through the inline runner."""
+    import json
+    import shutil
+
+    from cldist.cli import main
+    from cldist.config.schema import must_be
+    from cldist.methods.base import (ContinualMethod, FitRequest, current_task_loss,
+                                     register_method, trainable, unregister_method)
+    from cldist.methods.common import head_state, load_head
+    from cldist.models.continual import freeze
+
+    from .conftest import first_tasks, tiny_overrides
+
+    @dataclasses.dataclass
+    class TinyProbeOptions(MethodOptions):
+        name: str = "tiny_probe"
+        epochs: int = 1
+        head_lr: float = 0.05  # its own key: the heads' learning rate
+
+        def problems(self) -> list[str]:
+            return super().problems() + must_be("method.head_lr", self.head_lr,
+                                                self.head_lr > 0, "must be > 0")
+
+    class TinyProbe(ContinualMethod):
+        """One linear head per task on the frozen backbone, one model over all heads."""
+        name = "tiny_probe"
+        Options = TinyProbeOptions
+
+        def learn_task(self, model, ctx):
+            key = task_key(ctx.task_id)
+            model.add_head(key, ctx.n_classes, ctx.generator)
+            model.activate([], [key])
+            fit = ctx.fit(model, FitRequest("head", trainable(model.heads[key].parameters()),
+                                            lr_key="head_lr",
+                                            loss_fn=current_task_loss(ctx.offset)))
+            freeze(model)
+            return {"fits": [fit]}
+
+        def task_state(self, model, task_id):
+            return {"head": head_state(model, task_key(task_id))}
+
+        def load_task_state(self, model, task_id, state):
+            load_head(model, task_key(task_id), state["head"])
+            freeze(model)
+
+        def activate_model(self, model, upto_task):
+            model.activate([], [task_key(i) for i in range(upto_task + 1)])
+
+    configs = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs", configs)
+    (configs / "method" / "tiny_probe.yaml").write_text(
+        "name: tiny_probe\ntargets: [k]\nepochs: 1\nhead_lr: 0.05\n")
+    monkeypatch.setenv("CLDIST_CONFIG_DIR", str(configs))
+    register_method(TinyProbe)
+    try:
+        assert dataclasses.asdict(method_config("tiny_probe").method) == \
+            dataclasses.asdict(TinyProbeOptions())  # the YAML-defaults check, as for every method
+        data = first_tasks(digits_dir, tmp_path / "data", 2)
+        args = tiny_overrides(data, tmp_path / "run", "method=tiny_probe", "runner=inline",
+                              "method.head_lr=0.1")
+        assert main(["run", *args[:-1], "method.kappa_max=1"]) == 2  # a key it lacks
+        assert not (tmp_path / "run").exists()
+        assert main(["run", *args]) == 0
+        metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+        assert metrics["method"] == "tiny_probe" and len(metrics["accuracy_matrix"]) == 2
+        config = json.loads((tmp_path / "run" / "config.json").read_text())
+        assert config["method"]["head_lr"] == 0.1
+        meta = json.loads((tmp_path / "run" / "tasks" / "001" / "meta.json").read_text())
+        assert meta["fits"][0]["phase"] == "head" and meta["fits"][0]["steps"] > 0
+    finally:
+        unregister_method("tiny_probe")
+
+
 # -- keys every method must honour ------------------------------------------------------------
 # methods that train something; the training-free ones (slda) are held to "no fits, no
 # parameters" by the contract test instead
@@ -350,8 +498,8 @@ def _first_tasks(name: str) -> dict:
                                        torch.cat([head.weight.detach().flatten(),
                                                   head.bias.detach()])))
 
-    method = make_method(name, epochs=1, stage1_epochs=1, reference_epochs=1, head_init="zero",
-                         weight_decay=0.05)
+    pearl = {"stage1_epochs": 1, "reference_epochs": 1} if name == "pearl" else {}
+    method = make_method(name, epochs=1, head_init="zero", weight_decay=0.05, **pearl)
     train_stream(method, n_tasks=2, before_fit=before_fit, engines=engines)
     _FIRST_TASKS[name] = {"heads": heads_at_start, "engines": engines}
     return _FIRST_TASKS[name]
@@ -385,10 +533,11 @@ def test_run_defaults_fill_only_what_a_method_left_to_the_run():
     """train_task's `fit` applies the run's optimiser keys where a request leaves them None."""
     from cldist.methods.base import FitRequest
     left = FitRequest("p", [], 1, 1e-3, lambda x, y: x)
-    filled = with_run_defaults(left, "sgd", 0.05)
+    run = MethodOptions(optimizer="sgd", weight_decay=0.05)
+    filled = with_run_defaults(left, run)
     assert (filled.optimizer, filled.weight_decay) == ("sgd", 0.05)
     kept = with_run_defaults(dataclasses.replace(left, optimizer="adamw", weight_decay=0.0),
-                             "sgd", 0.05)
+                             run)
     assert (kept.optimizer, kept.weight_decay) == ("adamw", 0.0)
 
 
@@ -847,8 +996,8 @@ def test_slda_is_the_discriminant_of_the_seen_tasks_pooled_statistics(projection
     images of tasks 0..t pooled (through the run's projection when there is one); the order its
     tasks' statistics are loaded in changes nothing; nothing trains."""
     cfg = method_config("slda")
-    opts = {**method_options(cfg), "router": {"shrinkage": 0.1, "projection_dim": projection_dim}}
-    method = METHODS["slda"](opts, resolve_targets(cfg), is_cnn=False)
+    method = METHODS["slda"](cfg.method, resolve_targets(cfg), is_cnn=False, shrinkage=0.1,
+                             projection_dim=projection_dim, seed=cfg.seed)
     run = train_stream(method)
     assert all(m["fits"] == [] for m in run["metas"])
     model = fresh_model(method).eval()

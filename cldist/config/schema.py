@@ -6,9 +6,10 @@ Library code receives these plain dataclasses (or dicts made from them), never H
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
 from ..errors import ConfigError
@@ -21,47 +22,131 @@ ROUTED_COMBINE = ("posterior_head", "lda_head", "top1")
 MAX_PROJECTION_DIM = 8192
 
 
+# the optimisers the trainer builds (cldist.train.engine.OPTIMIZERS; tests/test_methods.py
+# holds the two lists equal): SGD has momentum 0.9, SD-LoRA's official code
+OPTIMIZERS = ("adamw", "sgd")
+HEAD_INITS = ("default", "zero")
+
+
+def must_be(key: str, value, ok: bool, what: str) -> list[str]:
+    """[`key=value: what`] when not `ok`: the one shape every problem message has."""
+    return [] if ok else [f"{key}={value}: {what}"]
+
+
+def one_of(key: str, value, choices) -> list[str]:
+    return must_be(key, value, value in choices, f"choose one of {', '.join(map(str, choices))}")
+
+
 @dataclass
-class MethodConfig:
+class MethodOptions:
+    """The keys every method has; the trainer applies the optimiser keys (epochs, lr,
+    weight_decay, optimizer) and head_init itself.
+
+    Each method subclasses this in its own file with its own keys, whose defaults are its
+    `configs/method/<name>.yaml` (a test holds the two equal), and its own `problems()`;
+    `@register_method` registers the subclass here (METHOD_OPTIONS) and `compose` gives it to
+    Hydra's ConfigStore as `method_schema/<name>`, so `method.<key>` overrides are typed and a
+    key the method does not have is refused by name. Config code never imports a method: the
+    registry fills when `cldist.methods` (or a module defining a method) is imported.
+    """
     name: str = "pearl"
     targets: list[str] = field(default_factory=lambda: ["k"])  # role names or glob patterns
-    epochs: int = 3  # main training epochs (PEARL: stage 2)
-    lr: float = 1e-3
+    epochs: int = 3  # the main phase's epochs (PEARL: stage 2); trainer.epochs overrides
+    lr: float = 1e-3  # the main phase's learning rate (FitRequest.lr_key "lr")
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9; SD-LoRA's official code)
     # a new task head's initialisation: default (nn.Linear's, as the official code) | zero
     # (a head trained on its own task's logits then keeps its mean logit at 0 - under SGD, or
     # Adam with 2 classes per task: see RESULTS.md)
     head_init: str = "default"
-    # PEARL
-    stage1_epochs: int = 1
-    stage1_lr: float = 1e-3
-    reference: str = "auto"  # auto | pretrained | first_task
-    reference_epochs: int = 3
-    threshold_rule: str = "squashed"
-    rule_params: dict[str, Any] = field(default_factory=dict)
-    min_rank: int = 1
-    max_rank: Optional[int] = None
-    reinit: bool = True
-    task_norms: bool = True
-    variant: str = "paper"  # paper | official (where the authors' code differs from the paper)
-    # LoRA methods (sdlora*, inflora, codyra, seq_lora)
-    rank: int = 10  # adapter rank (CoDyRA: the starting rank before pruning)
-    blocks: Optional[int] = None  # only targets in blocks 0..blocks-1 (InfLoRA-b5: 5)
-    # SD-LoRA
-    rank_schedule: list[int] = field(default_factory=list)  # rank of task t = [min(t, len-1)]
-    magnitude_init: Optional[float] = None  # None: 1.0 (paper) / 0.8 (official)
-    kd_threshold: float = 9e-4  # SD-LoRA-KD: absorb when every layer's LS residual is below
-    # what a finished task's B A becomes: continuous (its learned scale kept: the model after
-    # task t is exactly what was evaluated) | normalise (divided by its norm, as the variant says)
-    # | paper (every direction normalised, the current one too, from a small non-zero B)
-    boundary: str = "continuous"
-    # InfLoRA
-    gpm_eps: float = 0.95  # DualGPM eps_0: eps_t = eps_0 + (1 - eps_0) t / T
-    # CoDyRA
-    kappa_max: float = 0.05  # final l1 proximal threshold per step (paper: 0.005)
-    dense_fraction: float = 0.5  # fraction of a task's steps before the proximal steps start
-    kappa_steps: int = 50  # variant=official: staircase levels of kappa
+
+    def problems(self) -> list[str]:
+        """Every bad value, as `method.<key>=<value>: <what to do>`; subclasses add theirs to
+        `super().problems()`."""
+        p = must_be("method.epochs", self.epochs, self.epochs >= 1, "must be >= 1")
+        p += positive_lr("method.lr", self.lr)
+        p += must_be("method.weight_decay", self.weight_decay,
+                     0 <= self.weight_decay < math.inf, "must be a finite number >= 0")
+        p += one_of("method.optimizer", self.optimizer, OPTIMIZERS)
+        p += one_of("method.head_init", self.head_init, HEAD_INITS)
+        if not self.targets:
+            p.append("method.targets is empty: name at least one role or module pattern")
+        return p
+
+    def run_problems(self, cfg: "RunConfig") -> list[str]:
+        """Problems of this method's keys together with other sections (PEARL: a pre-trained
+        reference needs pre-trained weights)."""
+        return []
+
+
+def positive_lr(key: str, value: float) -> list[str]:
+    if not value > 0:
+        return [f"{key}={value}: must be > 0"]
+    # inf would only come back as a NaN loss mid-run
+    return must_be(key, value, math.isfinite(value), "must be a finite number > 0")
+
+
+# method name -> its options class (filled by @register_method; see MethodOptions)
+METHOD_OPTIONS: dict[str, type[MethodOptions]] = {}
+
+
+def register_options(name: str, cls: type[MethodOptions]) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, MethodOptions)):
+        raise TypeError(f"method {name!r}: its Options must subclass MethodOptions")
+    if cls().name != name:
+        raise ValueError(f"method {name!r}: its Options ({cls.__name__}) default name is "
+                         f"{cls().name!r}; declare a MethodOptions subclass with "
+                         f"`name: str = {name!r}` and the method's own keys")
+    METHOD_OPTIONS[name] = cls
+
+
+def method_options_class(name: str) -> type[MethodOptions]:
+    try:
+        return METHOD_OPTIONS[name]
+    except KeyError:
+        hint = "" if METHOD_OPTIONS else " (none registered: import cldist.methods first)"
+        raise KeyError(f"unknown method {name!r}; registered: {sorted(METHOD_OPTIONS)}"
+                       f"{hint}") from None
+
+
+# The method section of config.json in run-directory format 1, when one flat MethodConfig held
+# every method's keys: every run still writes each of them, in this order (a key its method
+# does not have with the value it read then, or this default), so that runs written before
+# and after per-method options compare key for key (cldist report groups runs by config).
+# Loading accepts them for any method and carries them through unchanged. Never grows: a new
+# method's own keys follow these.
+FORMAT1_METHOD_KEYS: dict[str, Any] = {
+    "name": "pearl", "targets": ["k"], "epochs": 3, "lr": 1e-3, "weight_decay": 0.0,
+    "optimizer": "adamw", "head_init": "default", "stage1_epochs": 1, "stage1_lr": 1e-3,
+    "reference": "auto", "reference_epochs": 3, "threshold_rule": "squashed", "rule_params": {},
+    "min_rank": 1, "max_rank": None, "reinit": True, "task_norms": True, "variant": "paper",
+    "rank": 10, "blocks": None, "rank_schedule": [], "magnitude_init": None,
+    "kd_threshold": 9e-4, "boundary": "continuous", "gpm_eps": 0.95, "kappa_max": 0.05,
+    "dense_fraction": 0.5, "kappa_steps": 50,
+}
+# where a loaded options object keeps the format-1 keys its class does not have
+_CARRIED = "_format1_keys"
+
+
+def options_from_dict(d: dict) -> MethodOptions:
+    """A method section (plain data, already typed) as its method's options object; format-1
+    keys the method does not have are kept aside for `options_to_dict`."""
+    cls = method_options_class(d.get("name", MethodOptions.name))
+    own = {f.name for f in fields(cls)}
+    opts = cls(**{k: v for k, v in d.items() if k in own or k not in FORMAT1_METHOD_KEYS})
+    setattr(opts, _CARRIED, {k: v for k, v in d.items()
+                             if k not in own and k in FORMAT1_METHOD_KEYS})
+    return opts
+
+
+def options_to_dict(opts: MethodOptions) -> dict:
+    """The method section as config.json holds it: the format-1 keys first, then the
+    method's own others (see FORMAT1_METHOD_KEYS)."""
+    own = asdict(opts)
+    carried = getattr(opts, _CARRIED, {})
+    out = {k: own[k] if k in own else carried.get(k, v) for k, v in FORMAT1_METHOD_KEYS.items()}
+    out.update((k, v) for k, v in own.items() if k not in out)
+    return copy.deepcopy(out)
 
 
 @dataclass
@@ -166,7 +251,8 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    method: MethodConfig = field(default_factory=MethodConfig)
+    # the method's own options class (MethodOptions subclass) once composed or loaded
+    method: MethodOptions = field(default_factory=MethodOptions)
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -179,11 +265,13 @@ class RunConfig:
     report: bool = True
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["method"] = options_to_dict(self.method)
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> "RunConfig":
-        return RunConfig(method=MethodConfig(**d["method"]), scenario=ScenarioConfig(**d["scenario"]),
+        return RunConfig(method=options_from_dict(d["method"]), scenario=ScenarioConfig(**d["scenario"]),
                          backbone=BackboneConfig(**d["backbone"]), trainer=TrainerConfig(**d["trainer"]),
                          cluster=ClusterConfig(**d["cluster"]),
                          # runs made before routing existed have neither section
@@ -199,22 +287,21 @@ class RunConfig:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check every value; raise one ConfigError that lists all problems."""
-    from ..coordinator.ranks import THRESHOLD_RULES
-    from ..methods.base import get_method_class
-    from ..train.engine import OPTIMIZERS
+    """Check every value; raise one ConfigError that lists all problems (the method's own
+    from its options class, `MethodOptions.problems`)."""
     p: list[str] = []
     try:
-        get_method_class(cfg.method.name)
+        cls = method_options_class(cfg.method.name)
     except KeyError as e:
         p.append(f"method={cfg.method.name}: {e.args[0]}")
+    else:
+        if not isinstance(cfg.method, cls):
+            p.append(f"method={cfg.method.name}: its options are a {type(cfg.method).__name__}, "
+                     f"not the method's {cls.__name__}")
+    p += cfg.method.problems() + cfg.method.run_problems(cfg)
     if cfg.runner not in RUNNERS:
         p.append(f"runner={cfg.runner}: choose one of {', '.join(RUNNERS)}")
-    for key, value, low in [("method.epochs", cfg.method.epochs, 1),
-                            ("method.stage1_epochs", cfg.method.stage1_epochs, 0),
-                            ("method.reference_epochs", cfg.method.reference_epochs, 1),
-                            ("method.min_rank", cfg.method.min_rank, 1),
-                            ("trainer.num_workers", cfg.trainer.num_workers, 1),
+    for key, value, low in [("trainer.num_workers", cfg.trainer.num_workers, 1),
                             ("trainer.batch_size", cfg.trainer.batch_size, 1),
                             ("trainer.eval_batch_size", cfg.trainer.eval_batch_size, 1),
                             ("trainer.loader_workers", cfg.trainer.loader_workers, 0),
@@ -226,16 +313,6 @@ def validate(cfg: RunConfig) -> RunConfig:
             p.append(f"{key}={value}: must be >= {low}")
     if cfg.trainer.epochs is not None and cfg.trainer.epochs < 1:
         p.append(f"trainer.epochs={cfg.trainer.epochs}: must be >= 1")
-    if cfg.method.max_rank is not None and cfg.method.max_rank < cfg.method.min_rank:
-        p.append(f"method.max_rank={cfg.method.max_rank}: must be >= method.min_rank "
-                 f"({cfg.method.min_rank})")
-    for key, value in [("method.lr", cfg.method.lr), ("method.stage1_lr", cfg.method.stage1_lr)]:
-        if not value > 0:
-            p.append(f"{key}={value}: must be > 0")
-        elif not math.isfinite(value):  # inf would only come back as a NaN loss mid-run
-            p.append(f"{key}={value}: must be a finite number > 0")
-    if not 0 <= cfg.method.weight_decay < math.inf:
-        p.append(f"method.weight_decay={cfg.method.weight_decay}: must be a finite number >= 0")
     # seeds feed numpy's SeedSequence (no negatives) and torch generators (64-bit) after
     # being scaled per task: keep them to 32 bits
     if not 0 <= cfg.seed < 2 ** 32:
@@ -246,38 +323,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         p.append(f"trainer.torch_threads={cfg.trainer.torch_threads}: must be >= 1 (or null)")
     if cfg.trainer.zero_stage not in (0, 1, 2, 3):
         p.append(f"trainer.zero_stage={cfg.trainer.zero_stage}: choose 0, 1, 2 or 3")
-    if cfg.method.threshold_rule not in THRESHOLD_RULES:
-        p.append(f"method.threshold_rule={cfg.method.threshold_rule}: choose one of "
-                 f"{', '.join(sorted(THRESHOLD_RULES))}")
-    if cfg.method.reference not in ("auto", "pretrained", "first_task"):
-        p.append(f"method.reference={cfg.method.reference}: choose auto, pretrained or first_task")
-    if cfg.method.head_init not in ("default", "zero"):
-        p.append(f"method.head_init={cfg.method.head_init}: choose one of default, zero")
-    if cfg.method.optimizer not in OPTIMIZERS:
-        p.append(f"method.optimizer={cfg.method.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
-    if cfg.method.variant not in ("paper", "official"):
-        p.append(f"method.variant={cfg.method.variant}: choose paper or official")
-    m = cfg.method
-    if m.rank < 1:
-        p.append(f"method.rank={m.rank}: must be >= 1")
-    if m.blocks is not None and m.blocks < 1:
-        p.append(f"method.blocks={m.blocks}: must be >= 1 (or null for every block)")
-    if any(int(r) < 1 for r in m.rank_schedule):
-        p.append(f"method.rank_schedule={list(m.rank_schedule)}: every rank must be >= 1")
-    if m.magnitude_init is not None and not -float("inf") < m.magnitude_init < float("inf"):
-        p.append(f"method.magnitude_init={m.magnitude_init}: must be a finite number or null")
-    if m.boundary not in ("continuous", "normalise", "paper"):
-        p.append(f"method.boundary={m.boundary}: choose continuous, normalise or paper")
-    if not m.kd_threshold >= 0:
-        p.append(f"method.kd_threshold={m.kd_threshold}: must be >= 0")
-    if not 0 < m.gpm_eps <= 1:
-        p.append(f"method.gpm_eps={m.gpm_eps}: must be in (0, 1]")
-    if not m.kappa_max >= 0:
-        p.append(f"method.kappa_max={m.kappa_max}: must be >= 0")
-    if not 0 <= m.dense_fraction < 1:
-        p.append(f"method.dense_fraction={m.dense_fraction}: must be in [0, 1)")
-    if m.kappa_steps < 1:
-        p.append(f"method.kappa_steps={m.kappa_steps}: must be >= 1")
     if cfg.scenario.normalize not in NORMALIZATIONS:
         p.append(f"scenario.normalize={cfg.scenario.normalize}: choose backbone or none")
     if cfg.scenario.max_member_bytes < 1:
@@ -289,8 +334,6 @@ def validate(cfg: RunConfig) -> RunConfig:
                      f"http(s)://HOST[:PORT] or s3://BUCKET (gs, gcs, az, abfs, abfss, memory)")
     if cfg.backbone.family not in ("cnn", "vit"):
         p.append(f"backbone.family={cfg.backbone.family}: choose cnn or vit")
-    if not cfg.method.targets:
-        p.append("method.targets is empty: name at least one role or module pattern")
     for role in cfg.method.targets:
         if not _is_pattern(role) and role not in cfg.backbone.roles and "default" not in cfg.backbone.roles:
             p.append(f"method.targets: role {role!r} is not defined for backbone "
@@ -322,9 +365,6 @@ def validate(cfg: RunConfig) -> RunConfig:
                      f"on CPU)")
     if cfg.trainer.max_concurrent_tasks is not None and cfg.trainer.max_concurrent_tasks < 1:
         p.append(f"trainer.max_concurrent_tasks={cfg.trainer.max_concurrent_tasks}: must be >= 1")
-    if not has_pretrained_weights(cfg) and cfg.method.reference == "pretrained":
-        p.append("method.reference=pretrained but the backbone has no pre-trained weights "
-                 "(backbone.checkpoint / backbone.pretrained): set method.reference=first_task")
     if not 0 <= cfg.router.shrinkage < math.inf:
         p.append(f"router.shrinkage={cfg.router.shrinkage}: must be a finite number >= 0")
     if not 0 <= cfg.router.projection_dim <= MAX_PROJECTION_DIM:
@@ -365,19 +405,6 @@ def gpu_shares(cfg: RunConfig) -> tuple[float, float]:
 
 def has_pretrained_weights(cfg: RunConfig) -> bool:
     return bool(cfg.backbone.pretrained or cfg.backbone.checkpoint)
-
-
-def method_options(cfg: RunConfig) -> dict:
-    """The method's options as a plain dict, with run-level overrides applied."""
-    opts = asdict(cfg.method)
-    opts["epochs"] = cfg.main_epochs
-    # the statistics classifier (slda) is the router's: it takes the router's settings, and the
-    # run's seed draws the random projection
-    opts["router"] = asdict(cfg.router)
-    opts["seed"] = cfg.seed
-    if opts["reference"] == "auto":
-        opts["reference"] = "pretrained" if has_pretrained_weights(cfg) else "first_task"
-    return opts
 
 
 def _is_pattern(s: str) -> bool:

@@ -6,7 +6,15 @@ the model predicts. The trainer (`cldist.train.loop.fit`) owns the loop; the run
 it runs. A method never touches Ray, DeepSpeed, files or the data pipeline: it receives a
 `TaskContext` whose callables do that for it.
 
+Options: a method declares its keys as a dataclass subclassing
+`cldist.config.schema.MethodOptions` (the shared keys: name, targets, epochs, lr, weight_decay,
+optimizer, head_init) with its own `problems()`, names it as `Options`, and receives it typed
+as `self.options`; `@register_method` registers both. The trainer applies the shared optimiser
+keys itself: a `FitRequest` leaves epochs, lr, optimizer and weight_decay to the run, and a
+phase with its own learning rate names its options key (`lr_key="stage1_lr"`).
+
 Lifecycle for task t (either runner):
+    method = Method.from_run(cfg)                       # cldist.train.task.make_method
     model = method.build(backbone, feature_dim, classes_per_task)
     for s < t that t depends on: method.load_task_state(model, s, saved tensors of s)
     meta = method.learn_task(model, ctx)                # phases via ctx.fit(...)
@@ -29,6 +37,8 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..config.schema import (METHOD_OPTIONS, MethodOptions, RunConfig, register_options,
+                             resolve_targets)
 from ..models.continual import ContinualClassifier, freeze
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -36,13 +46,17 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class FitRequest:
-    """One training phase: what trains, for how long, with which loss."""
+    """One training phase: what trains, with which loss; for how long and how fast the trainer
+    fills in from the run's options (`cldist.train.task.with_run_defaults`)."""
 
     phase: str
     params: list[nn.Parameter]
-    epochs: int
-    lr: float
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # None: the run's main epochs (method.epochs, or trainer.epochs when set); an int where a
+    # phase has its own epochs key (PEARL's stage1_epochs, reference_epochs)
+    epochs: int | None = None
+    # None: the trainer reads the options key `lr_key`; a float only outside a run (benchmarks)
+    lr: float | None = None
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # None: the run's method.weight_decay (the trainer applies the shared optimiser keys, so no
     # method can drop one); a float only where a phase must differ (PEARL's stage 1)
     weight_decay: float | None = None
@@ -52,6 +66,13 @@ class FitRequest:
     data: str = "task"
     # "adamw" | "sgd" (`cldist.train.engine.make_optimizer`); None: the run's method.optimizer
     optimizer: str | None = None
+    # the options key the learning rate comes from: "lr", or e.g. PEARL's "stage1_lr"; the
+    # trainer reads it, and names `method.<lr_key>` when the loss becomes NaN
+    lr_key: str = "lr"
+
+    def __post_init__(self):
+        if self.loss_fn is None:
+            raise TypeError(f"FitRequest {self.phase!r}: loss_fn is required")
 
 
 @dataclass
@@ -91,21 +112,30 @@ class ContinualMethod:
     """Base class; subclasses register with `@register_method`."""
 
     name: ClassVar[str] = ""
+    # the method's options dataclass (a MethodOptions subclass whose `name` defaults to `name`)
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
     prediction: ClassVar[str] = "single"  # "single" | "subnetworks"
     graph: ClassVar[str] = "chain"  # "chain" | "independent" (after an optional reference task)
     # the task job saves class statistics with every task (the routed Class-IL decision of
     # sub-network methods, and slda's whole model); every "subnetworks" method needs them
     class_statistics: ClassVar[bool] = False
 
-    def __init__(self, cfg: dict, target_patterns: Sequence[str], is_cnn: bool):
-        self.cfg = dict(cfg)
+    def __init__(self, options: MethodOptions, target_patterns: Sequence[str], is_cnn: bool):
+        if not isinstance(options, self.Options):
+            raise TypeError(f"method {self.name} takes {self.Options.__name__}, not "
+                            f"{type(options).__name__}")
+        self.options = options
         self.target_patterns = list(target_patterns)
         self.is_cnn = is_cnn
 
-    @property
-    def official(self) -> bool:
-        """`variant: official`: the authors' code where it departs from the paper."""
-        return self.cfg.get("variant", "paper") == "official"
+    @classmethod
+    def from_run(cls, cfg: RunConfig, target_patterns: Sequence[str] | None = None,
+                 is_cnn: bool | None = None) -> "ContinualMethod":
+        """The method for a run: its options (`cfg.method`), the module patterns of its target
+        roles on the run's backbone, and whether that is a CNN (either may be given instead).
+        A method that needs more of the run (PEARL's reference, slda's router) overrides it."""
+        return cls(cfg.method, resolve_targets(cfg) if target_patterns is None else target_patterns,
+                   cfg.backbone.family == "cnn" if is_cnn is None else is_cnn)
 
     # -- scheduling ------------------------------------------------------------------------
     def task_graph(self, n_tasks: int) -> list[list[int]]:
@@ -164,16 +194,24 @@ METHODS: dict[str, type[ContinualMethod]] = {}
 
 
 def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+    """Register a method and its options class (see `cldist.config.schema.MethodOptions`)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no `name`")
     if cls.name in METHODS:
         raise ValueError(f"method {cls.name!r} registered twice")
+    register_options(cls.name, cls.Options)
     METHODS[cls.name] = cls
     return cls
 
 
+def unregister_method(name: str) -> None:
+    """Forget a method (tests that register one of their own)."""
+    METHODS.pop(name, None)
+    METHOD_OPTIONS.pop(name, None)
+
+
 def get_method_class(name: str) -> type[ContinualMethod]:
-    from . import load_all  # noqa: F401  - registration happens on import
+    """A registered method's class (`import cldist.methods` registers the built-in ones)."""
     try:
         return METHODS[name]
     except KeyError:

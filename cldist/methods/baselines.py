@@ -13,20 +13,32 @@ change, so whatever Class-IL accuracy it loses is cross-task confusion between t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ..config.schema import MethodOptions
 from ..models.continual import ContinualClassifier, freeze, task_key
-from .common import adapter_model, freeze_batchnorm_stats, head_state, load_head
+from .common import LoRAOptions, adapter_model, freeze_batchnorm_stats, head_state, load_head
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
+
+
+@dataclass
+class SeqFTOptions(MethodOptions):
+    """configs/method/seq_ft.yaml (targets unused: no adapters)."""
+    name: str = "seq_ft"
+    epochs: int = 4
+    optimizer: str = "sgd"
+    lr: float = 1e-2
 
 
 @register_method
 class SeqFT(ContinualMethod):
     name = "seq_ft"
+    Options = SeqFTOptions
     prediction = "single"
     graph = "chain"
 
@@ -36,8 +48,8 @@ class SeqFT(ContinualMethod):
         # train on the current task's logits only (the Class-IL convention of every method here)
         model.activate([], [key])
         params = list(model.backbone.parameters()) + list(model.heads[key].parameters())
-        fit = ctx.fit(model, FitRequest("finetune", trainable(params), int(self.cfg["epochs"]),
-                                        float(self.cfg["lr"]), current_task_loss(ctx.offset)))
+        fit = ctx.fit(model, FitRequest("finetune", trainable(params),
+                                        loss_fn=current_task_loss(ctx.offset)))
         freeze(model)
         return {"fits": [fit]}
 
@@ -61,6 +73,17 @@ class SeqFT(ContinualMethod):
         model.activate([], [task_key(i) for i in range(upto_task + 1)])
 
 
+@dataclass
+class SeqLoRAOptions(LoRAOptions):
+    """configs/method/seq_lora.yaml."""
+    name: str = "seq_lora"
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    rank: int = 8
+    epochs: int = 4
+    optimizer: str = "sgd"  # the SD-LoRA family's: seq-LoRA is their no-isolation control
+    lr: float = 1e-2
+
+
 @register_method
 class SeqLoRA(ContinualMethod):
     """One LoRA (rank `rank`, scaling 1, A Kaiming, B zero; created at task 0) on the target roles
@@ -69,20 +92,22 @@ class SeqLoRA(ContinualMethod):
     CNN BatchNorm statistics stay frozen, as in the other adapter methods."""
 
     name = "seq_lora"
+    Options = SeqLoRAOptions
+    options: SeqLoRAOptions
     prediction = "single"
     graph = "chain"
     adapter = "lora"
 
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:
-        return adapter_model(backbone, feature_dim, self.target_patterns, self.cfg.get("blocks"))
+        return adapter_model(backbone, feature_dim, self.target_patterns, self.options.blocks)
 
     def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
         key = task_key(ctx.task_id)
         layers = model.lora_layers()
         for layer in layers.values():
             if self.adapter not in layer.lora_A:
-                layer.add_adapter(self.adapter, min(int(self.cfg.get("rank", 8)), layer.max_rank()),
+                layer.add_adapter(self.adapter, min(self.options.rank, layer.max_rank()),
                                   scaling=1.0, generator=ctx.generator)
         model.add_head(key, ctx.n_classes, ctx.generator)
         model.activate([self.adapter], [key])
@@ -90,8 +115,8 @@ class SeqLoRA(ContinualMethod):
         params = [p for layer in layers.values()
                   for p in (layer.lora_A[self.adapter], layer.lora_B[self.adapter])]
         params += list(model.heads[key].parameters())
-        fit = ctx.fit(model, FitRequest("seq_lora", trainable(params), int(self.cfg["epochs"]),
-                                        float(self.cfg["lr"]), current_task_loss(ctx.offset)))
+        fit = ctx.fit(model, FitRequest("seq_lora", trainable(params),
+                                        loss_fn=current_task_loss(ctx.offset)))
         freeze(model)
         return {"fits": [fit]}
 
@@ -128,6 +153,13 @@ def seen_classes_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return nn.functional.cross_entropy(logits, labels)
 
 
+@dataclass
+class JointOptions(MethodOptions):
+    """configs/method/joint.yaml (targets unused: no adapters)."""
+    name: str = "joint"
+    epochs: int = 4
+
+
 @register_method
 class Joint(ContinualMethod):
     """The upper bound. At task t: start from the INITIAL backbone (pre-trained or the run's
@@ -141,6 +173,7 @@ class Joint(ContinualMethod):
     holds the whole backbone and every head 0..t."""
 
     name = "joint"
+    Options = JointOptions
     prediction = "single"
     graph = "chain"
 
@@ -155,8 +188,7 @@ class Joint(ContinualMethod):
         freeze(model)
         params = list(model.backbone.parameters())
         params += [p for key in keys for p in model.heads[key].parameters()]
-        fit = ctx.fit(model, FitRequest("joint", trainable(params), int(self.cfg["epochs"]),
-                                        float(self.cfg["lr"]), seen_classes_loss,
+        fit = ctx.fit(model, FitRequest("joint", trainable(params), loss_fn=seen_classes_loss,
                                         data="seen"))
         freeze(model)
         return {"fits": [fit]}
@@ -181,6 +213,15 @@ class Joint(ContinualMethod):
         model.activate([], [task_key(i) for i in range(upto_task + 1)])
 
 
+@dataclass
+class LinearProbeOptions(MethodOptions):
+    """configs/method/linear_probe.yaml (targets unused: no adapters)."""
+    name: str = "linear_probe"
+    epochs: int = 4
+    optimizer: str = "sgd"  # as seq_ft: only a linear head trains
+    lr: float = 1e-2
+
+
 @register_method
 class LinearProbe(ContinualMethod):
     """Zero-forgetting reference for the features: the backbone (BatchNorm statistics included)
@@ -195,6 +236,7 @@ class LinearProbe(ContinualMethod):
     (backbone + its head), so the evaluator scores a head once per test set."""
 
     name = "linear_probe"
+    Options = LinearProbeOptions
     prediction = "subnetworks"
     graph = "independent"
     class_statistics = True  # the router of the routed Class-IL decision
@@ -210,8 +252,7 @@ class LinearProbe(ContinualMethod):
         model.add_head(key, ctx.n_classes, ctx.generator)
         model.activate([], [key])
         fit = ctx.fit(model, FitRequest("probe", trainable(model.heads[key].parameters()),
-                                        int(self.cfg["epochs"]), float(self.cfg["lr"]),
-                                        current_task_loss(ctx.offset)))
+                                        loss_fn=current_task_loss(ctx.offset)))
         freeze(model)
         return {"fits": [fit]}
 

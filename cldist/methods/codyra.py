@@ -61,19 +61,46 @@ BatchNorm (CNN backbones): its statistics are frozen like the rest of the backbo
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..config.schema import must_be
 from ..models.continual import ContinualClassifier, freeze, task_key
 from ..models.lora import LoRALayer
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
-from .common import adapter_model, head_state, load_head
+from .common import LoRAOptions, adapter_model, head_state, load_head, variant_problems
 
 ADAPTER = "codyra"
+
+
+@dataclass
+class CoDyRAOptions(LoRAOptions):
+    """configs/method/codyra.yaml (see the module docstring for kappa)."""
+    name: str = "codyra"
+    # every attention and MLP linear (CNN: the default convs)
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "proj", "mlp"])
+    rank: int = 16  # the starting rank
+    epochs: int = 4
+    optimizer: str = "sgd"  # momentum 0.9 (docs/RESULTS.md)
+    lr: float = 5e-3
+    kappa_max: float = 0.05  # final l1 proximal threshold per step (paper: 0.005)
+    dense_fraction: float = 0.5  # fraction of a task's steps before the proximal steps start
+    kappa_steps: int = 50  # variant=official: staircase levels of kappa
+    variant: str = "paper"  # official: staircase kappa and the authors' three-op threshold
+
+    def problems(self) -> list[str]:
+        p = super().problems() + variant_problems(self.variant)
+        p += must_be("method.kappa_max", self.kappa_max, self.kappa_max >= 0, "must be >= 0")
+        p += must_be("method.dense_fraction", self.dense_fraction,
+                     0 <= self.dense_fraction < 1, "must be in [0, 1)")
+        p += must_be("method.kappa_steps", self.kappa_steps, self.kappa_steps >= 1,
+                     "must be >= 1")
+        return p
 
 
 def soft_threshold_(w: torch.Tensor, kappa: float) -> None:
@@ -100,12 +127,19 @@ def merge_factors(layer: LoRALayer, B: torch.Tensor, A: torch.Tensor) -> None:
 @register_method
 class CoDyRA(ContinualMethod):
     name = "codyra"
+    Options = CoDyRAOptions
+    options: CoDyRAOptions
     prediction = "single"
     graph = "chain"
 
+    @property
+    def official(self) -> bool:
+        """`variant: official`: the authors' code where it departs from the paper."""
+        return self.options.variant == "official"
+
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:
-        model = adapter_model(backbone, feature_dim, self.target_patterns, self.cfg.get("blocks"))
+        model = adapter_model(backbone, feature_dim, self.target_patterns, self.options.blocks)
         model.codyra_merged = {}  # task id -> layer -> (B', A') of the merged update
         freeze(model)
         return model
@@ -113,13 +147,13 @@ class CoDyRA(ContinualMethod):
     # -- schedule --------------------------------------------------------------------------
     def kappa(self, step: int, total: int) -> float:
         """kappa after optimiser step `step` (0-based) of `total`; 0 in the dense phase."""
-        kmax = float(self.cfg.get("kappa_max", 0.005))
-        s0 = int(float(self.cfg.get("dense_fraction", 0.5)) * total)
+        kmax = self.options.kappa_max
+        s0 = int(self.options.dense_fraction * total)
         if step < s0 or total <= s0:
             return 0.0
         if not self.official:
             return kmax * (step - s0 + 1) / (total - s0)
-        n = int(self.cfg.get("kappa_steps", 50))
+        n = self.options.kappa_steps
         levels = np.linspace(0.0, kmax, n)
         every = (total - s0) // n
         if every <= 0:  # fewer sparse steps than levels: the authors' code stays at 0
@@ -140,7 +174,7 @@ class CoDyRA(ContinualMethod):
     def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
         t, key = ctx.task_id, task_key(ctx.task_id)
         layers = model.lora_layers()
-        rank = int(self.cfg.get("rank", 16))
+        rank = self.options.rank
         for layer in layers.values():
             layer.add_adapter(ADAPTER, min(rank, layer.max_rank()), scaling=1.0,
                               generator=ctx.generator)
@@ -152,8 +186,7 @@ class CoDyRA(ContinualMethod):
                   for p in (layer.lora_A[ADAPTER], layer.lora_B[ADAPTER], layer.lora_w[ADAPTER])]
         params += list(model.heads[key].parameters())
         fit = ctx.fit(model, FitRequest(
-            "codyra", trainable(params), int(self.cfg["epochs"]), float(self.cfg["lr"]),
-            current_task_loss(ctx.offset),
+            "codyra", trainable(params), loss_fn=current_task_loss(ctx.offset),
             after_step=lambda step, total: self.proximal_step(model, step, total)))
         freeze(model)
         merged, ranks = self.merge(model)
@@ -162,7 +195,7 @@ class CoDyRA(ContinualMethod):
         total = sum(min(rank, layer.max_rank()) for layer in layers.values())
         return {"fits": [fit], "ranks": ranks, "initial_rank": rank,
                 "kept_fraction": sum(ranks.values()) / max(1, total),
-                "kappa_max": float(self.cfg.get("kappa_max", 0.005))}
+                "kappa_max": float(self.options.kappa_max)}
 
     def merge(self, model: ContinualClassifier) -> tuple[dict, dict]:
         """Prune w = 0 components, fold B diag(w) A into the weights, drop the adapter."""

@@ -1,14 +1,41 @@
-"""Pieces the adapter methods share: building an adapter model, heads' state, BN handling."""
+"""Pieces the adapter methods share: their options, building an adapter model, heads' state,
+BN handling."""
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..config.schema import MethodOptions, must_be
+
 from ..models.continual import ContinualClassifier, freeze
 from ..models.inject import inject_lora, match_modules
+
+
+@dataclass
+class LoRAOptions(MethodOptions):
+    """The keys of the methods that put a LoRA of one rank on their targets (sdlora*, inflora,
+    codyra, seq_lora)."""
+    rank: int = 10  # adapter rank (CoDyRA: the starting rank before pruning)
+    blocks: Optional[int] = None  # only targets in blocks 0..blocks-1 (InfLoRA-b5: 5)
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        p += must_be("method.rank", self.rank, self.rank >= 1, "must be >= 1")
+        p += must_be("method.blocks", self.blocks, self.blocks is None or self.blocks >= 1,
+                     "must be >= 1 (or null for every block)")
+        return p
+
+
+VARIANTS = ("paper", "official")
+
+
+def variant_problems(variant: str) -> list[str]:
+    """`variant: paper | official` (where the authors' code departs from the paper)."""
+    return must_be("method.variant", variant, variant in VARIANTS, "choose paper or official")
 
 
 def head_state(model: ContinualClassifier, key: str) -> dict[str, torch.Tensor]:

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -61,11 +62,27 @@ from timm.layers import Conv2dSame
 from timm.layers.padding import pad_same
 from torch import nn
 
+from ..config.schema import must_be
 from ..models.continual import ContinualClassifier, freeze, task_key
 from ..models.lora import LoRAConv2d, LoRALayer
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
-from .common import adapter_model, head_state, load_head
+from .common import LoRAOptions, adapter_model, head_state, load_head, variant_problems
+
+
+@dataclass
+class InfLoRAOptions(LoRAOptions):
+    """configs/method/inflora.yaml (rank 30 for DomainNet in the paper; blocks 5: InfLoRA-b5)."""
+    name: str = "inflora"
+    targets: list[str] = field(default_factory=lambda: ["k", "v"])
+    epochs: int = 4
+    lr: float = 5e-4  # the paper's Adam lr
+    gpm_eps: float = 0.95  # DualGPM eps_0: 0.95 CIFAR-100/DomainNet, 0.98 ImageNet-R
+    variant: str = "paper"  # official: one-sided projection, energy = squared singular values
+
+    def problems(self) -> list[str]:
+        return super().problems() + variant_problems(self.variant) + must_be(
+            "method.gpm_eps", self.gpm_eps, 0 < self.gpm_eps <= 1, "must be in (0, 1]")
 
 
 def layer_tokens(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
@@ -158,13 +175,20 @@ def _eigh_desc(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @register_method
 class InfLoRA(ContinualMethod):
     name = "inflora"
+    Options = InfLoRAOptions
+    options: InfLoRAOptions
     prediction = "single"
     graph = "chain"
+
+    @property
+    def official(self) -> bool:
+        """`variant: official`: the authors' code where it departs from the paper."""
+        return self.options.variant == "official"
 
     # -- model -----------------------------------------------------------------------------
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:
-        model = adapter_model(backbone, feature_dim, self.target_patterns, self.cfg.get("blocks"))
+        model = adapter_model(backbone, feature_dim, self.target_patterns, self.options.blocks)
         # DualGPM memory per layer: (basis d x k, is_complement); float32, on the CPU
         model.gpm = {}
         freeze(model)
@@ -285,7 +309,7 @@ class InfLoRA(ContinualMethod):
     # -- task ------------------------------------------------------------------------------
     def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:
         t, key = ctx.task_id, task_key(ctx.task_id)
-        rank = int(self.cfg.get("rank", 10))
+        rank = self.options.rank
         layers = model.lora_layers()
         model.add_head(key, ctx.n_classes, ctx.generator)
         old = sorted({k for layer in layers.values() for k in layer.adapters()})
@@ -306,12 +330,12 @@ class InfLoRA(ContinualMethod):
         model.activate(old + [key], [key])
         params = [layer.lora_B[key] for layer in layers.values()]
         params += list(model.heads[key].parameters())
-        fit = ctx.fit(model, FitRequest("inflora", trainable(params), int(self.cfg["epochs"]),
-                                        float(self.cfg["lr"]), current_task_loss(ctx.offset)))
+        fit = ctx.fit(model, FitRequest("inflora", trainable(params),
+                                        loss_fn=current_task_loss(ctx.offset)))
         freeze(model)
 
         # 3. DualGPM update from the task's representations after training
-        eps0 = float(self.cfg.get("gpm_eps", 0.95))
+        eps0 = self.options.gpm_eps
         eps = eps0 + (1.0 - eps0) * t / ctx.n_tasks
         grams = self._collect(model, ctx)
         for n in layers:

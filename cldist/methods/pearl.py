@@ -26,11 +26,16 @@ takes the argmax of the concatenated logits.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..config.schema import (MethodOptions, RunConfig, has_pretrained_weights, must_be, one_of,
+                             positive_lr)
+from ..coordinator.ranks import THRESHOLD_RULES
 from ..models.continual import ContinualClassifier, freeze, task_key
 from ..models.inject import inject_lora, inject_task_norms
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
@@ -38,17 +43,74 @@ from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
 from .common import freeze_batchnorm_stats
 
 
+REFERENCES = ("auto", "pretrained", "first_task")
+
+
+@dataclass
+class PearlOptions(MethodOptions):
+    """configs/method/pearl.yaml; `epochs` and `lr` are stage 2's."""
+    name: str = "pearl"
+    targets: list[str] = field(default_factory=lambda: ["k"])
+    epochs: int = 4
+    lr: float = 3e-3
+    stage1_epochs: int = 1  # E1: fine-tune the target layers from W_r for the task vector
+    stage1_lr: float = 1e-3  # stage 1's and the reference training's learning rate
+    reference: str = "auto"  # auto | pretrained | first_task (W_r = weights after task 0)
+    reference_epochs: int = 4
+    threshold_rule: str = "squashed"  # cldist.coordinator.ranks.THRESHOLD_RULES
+    rule_params: dict[str, Any] = field(
+        default_factory=lambda: {"scale": 2e-3, "t_min": 0.3, "t_max": 0.85})
+    min_rank: int = 1
+    max_rank: Optional[int] = 32
+    reinit: bool = True  # re-initialise LoRA/norms/head after the SVD init (the paper's ablation)
+    task_norms: bool = True  # CNNs: one private copy of every BatchNorm per task
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        p += must_be("method.stage1_epochs", self.stage1_epochs, self.stage1_epochs >= 0,
+                     "must be >= 0")
+        p += must_be("method.reference_epochs", self.reference_epochs,
+                     self.reference_epochs >= 1, "must be >= 1")
+        p += must_be("method.min_rank", self.min_rank, self.min_rank >= 1, "must be >= 1")
+        if self.max_rank is not None and self.max_rank < self.min_rank:
+            p.append(f"method.max_rank={self.max_rank}: must be >= method.min_rank "
+                     f"({self.min_rank})")
+        p += positive_lr("method.stage1_lr", self.stage1_lr)
+        p += one_of("method.threshold_rule", self.threshold_rule, sorted(THRESHOLD_RULES))
+        p += must_be("method.reference", self.reference, self.reference in REFERENCES,
+                     "choose auto, pretrained or first_task")
+        return p
+
+    def run_problems(self, cfg: RunConfig) -> list[str]:
+        if self.reference == "pretrained" and not has_pretrained_weights(cfg):
+            return ["method.reference=pretrained but the backbone has no pre-trained weights "
+                    "(backbone.checkpoint / backbone.pretrained): set method.reference=first_task"]
+        return []
+
+
 @register_method
 class Pearl(ContinualMethod):
     name = "pearl"
+    Options = PearlOptions
+    options: PearlOptions
     prediction = "subnetworks"
     graph = "independent"
     class_statistics = True  # the router of the routed Class-IL decision
 
+    @classmethod
+    def from_run(cls, cfg: RunConfig, target_patterns=None, is_cnn=None) -> "Pearl":
+        """`reference: auto` becomes pretrained or first_task by the run's backbone weights."""
+        method = super().from_run(cfg, target_patterns, is_cnn)
+        if method.options.reference == "auto":
+            method.options = dataclasses.replace(
+                method.options,
+                reference="pretrained" if has_pretrained_weights(cfg) else "first_task")
+        return method
+
     # -- scheduling ------------------------------------------------------------------------
     @property
     def trains_reference(self) -> bool:
-        return self.cfg.get("reference", "pretrained") == "first_task"
+        return self.options.reference == "first_task"
 
     def task_graph(self, n_tasks: int) -> list[list[int]]:
         if self.trains_reference:
@@ -63,7 +125,7 @@ class Pearl(ContinualMethod):
               classes_per_task: Sequence[int]) -> ContinualClassifier:
         model = ContinualClassifier(backbone, feature_dim)
         inject_lora(model.backbone, self.target_patterns)
-        if self.is_cnn and self.cfg.get("task_norms", True):
+        if self.is_cnn and self.options.task_norms:
             inject_task_norms(model.backbone)
         freeze(model)
         return model
@@ -72,7 +134,7 @@ class Pearl(ContinualMethod):
         t, key = ctx.task_id, task_key(ctx.task_id)
         if self.trains_reference and t == 0:
             return self._learn_reference(model, ctx)
-        cfg = self.cfg
+        opts = self.options
         loss = current_task_loss(ctx.offset)
         targets = model.lora_layers()
         if not model.task_norm_layers():
@@ -90,8 +152,8 @@ class Pearl(ContinualMethod):
         stage1_params += [p for m in model.task_norm_layers().values() for p in m.base.parameters()]
         stage1_params += list(model.heads[key].parameters())
         stage1 = ctx.fit(model, FitRequest("stage1", trainable(stage1_params),
-                                           int(cfg["stage1_epochs"]), float(cfg["stage1_lr"]), loss,
-                                           weight_decay=0.0))  # see the module docstring
+                                           epochs=opts.stage1_epochs, lr_key="stage1_lr",
+                                           loss_fn=loss, weight_decay=0.0))  # see the docstring
         fine_tuned = {n: layer.weight.detach().clone() for n, layer in targets.items()}
         # discard the stage-1 weights: W_r stays bit-identical for every later sub-network
         with torch.no_grad():
@@ -102,11 +164,11 @@ class Pearl(ContinualMethod):
         freeze(model)
 
         # ranks from the task vectors (the coordinator fans the SVDs out)
-        reinit = bool(cfg.get("reinit", True))
+        reinit = opts.reinit
         decisions = ctx.allocate_ranks(
             {n: (reference[n], fine_tuned[n]) for n in targets},
-            {"rule": cfg["threshold_rule"], "rule_params": dict(cfg.get("rule_params") or {}),
-             "min_rank": int(cfg["min_rank"]), "max_rank": cfg.get("max_rank"),
+            {"rule": opts.threshold_rule, "rule_params": dict(opts.rule_params),
+             "min_rank": opts.min_rank, "max_rank": opts.max_rank,
              "return_factors": not reinit})
 
         # stage 2: a fresh LoRA of the allocated rank, fresh norms and head
@@ -120,8 +182,7 @@ class Pearl(ContinualMethod):
         model.init_head(model.heads[key], ctx.generator)  # `method.head_init`, as a new head
         model.activate([key], [key])
         stage2_params = self._task_params(model, key)
-        stage2 = ctx.fit(model, FitRequest("stage2", trainable(stage2_params),
-                                           int(cfg["epochs"]), float(cfg["lr"]), loss))
+        stage2 = ctx.fit(model, FitRequest("stage2", trainable(stage2_params), loss_fn=loss))
         freeze(model)
         return {"ranks": {n: int(d["rank"]) for n, d in decisions.items()},
                 "thresholds": {n: float(d["threshold"]) for n, d in decisions.items()},
@@ -136,8 +197,8 @@ class Pearl(ContinualMethod):
         params = [p for n, p in model.named_parameters()
                   if ".lora_" not in n and ".branches." not in n]
         fit = ctx.fit(model, FitRequest("reference", trainable(params),
-                                        int(self.cfg["reference_epochs"]), float(self.cfg["stage1_lr"]),
-                                        current_task_loss(ctx.offset)))
+                                        epochs=self.options.reference_epochs, lr_key="stage1_lr",
+                                        loss_fn=current_task_loss(ctx.offset)))
         freeze(model)
         return {"ranks": {}, "reference": True, "fits": [fit]}
 

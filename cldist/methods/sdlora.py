@@ -77,18 +77,69 @@ every task with a direction, as after task t), offsets (every o_{l,i}), head t. 
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..config.schema import must_be
 from ..models.continual import ContinualClassifier, freeze, task_key
 from ..models.lora import cpu_draw
 from .base import (ContinualMethod, FitRequest, TaskContext, current_task_loss,
                    register_method, trainable)
-from .common import adapter_model, head_state, load_head
+from .common import LoRAOptions, adapter_model, head_state, load_head, variant_problems
 
 OFFICIAL_MAGNITUDE = 0.8
+BOUNDARIES = ("continuous", "normalise", "paper")
+# SD-LoRA-RR's rank of task t (the last entry repeats)
+RR_SCHEDULE = [10, 10, 10, 10, 8, 8, 8, 8, 6]
+
+
+@dataclass
+class SDLoRAOptions(LoRAOptions):
+    """configs/method/sdlora.yaml (see the module docstring for each key)."""
+    name: str = "sdlora"
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    epochs: int = 4
+    optimizer: str = "sgd"  # momentum 0.9, as the authors' code
+    lr: float = 5e-3  # the authors' 1e-2 diverged in task 0 of fmnist_digits_10t
+    variant: str = "paper"  # official: directions / (||B|| ||A||), magnitudes reset to 0.8
+    rank_schedule: list[int] = field(default_factory=list)  # rank of task t = [min(t, len-1)]
+    magnitude_init: Optional[float] = None  # None: 1.0 (paper) / 0.8 (official)
+    # what a finished task's B A becomes: continuous (its learned scale kept) | normalise
+    # (divided by its norm) | paper (every direction normalised, the current one too)
+    boundary: str = "continuous"
+
+    def problems(self) -> list[str]:
+        p = super().problems() + variant_problems(self.variant)
+        p += must_be("method.rank_schedule", list(self.rank_schedule),
+                     all(int(r) >= 1 for r in self.rank_schedule), "every rank must be >= 1")
+        p += must_be("method.magnitude_init", self.magnitude_init,
+                     self.magnitude_init is None or math.isfinite(self.magnitude_init),
+                     "must be a finite number or null")
+        p += must_be("method.boundary", self.boundary, self.boundary in BOUNDARIES,
+                     "choose continuous, normalise or paper")
+        return p
+
+
+@dataclass
+class SDLoRARROptions(SDLoRAOptions):
+    """configs/method/sdlora_rr.yaml."""
+    name: str = "sdlora_rr"
+    rank_schedule: list[int] = field(default_factory=lambda: list(RR_SCHEDULE))
+
+
+@dataclass
+class SDLoRAKDOptions(SDLoRAOptions):
+    """configs/method/sdlora_kd.yaml."""
+    name: str = "sdlora_kd"
+    kd_threshold: float = 9e-4  # absorb when every layer's squared LS residual is below this
+
+    def problems(self) -> list[str]:
+        return super().problems() + must_be("method.kd_threshold", self.kd_threshold,
+                                            self.kd_threshold >= 0, "must be >= 0")
 # `boundary: paper`: B starts uniform in +-PAPER_B_SCALE / sqrt(rank) (see the docstring)
 PAPER_B_SCALE = 0.01
 
@@ -112,26 +163,32 @@ class _Coefficient:
 @register_method
 class SDLoRA(ContinualMethod):
     name = "sdlora"
+    Options = SDLoRAOptions
+    options: SDLoRAOptions
     prediction = "single"
     graph = "chain"
     distill = False  # SD-LoRA-KD
 
+    @property
+    def official(self) -> bool:
+        """`variant: official`: the authors' code where it departs from the paper."""
+        return self.options.variant == "official"
+
     def rank_for(self, task_id: int) -> int:
-        schedule = list(self.cfg.get("rank_schedule") or [])
+        schedule = list(self.options.rank_schedule)
         if schedule:
             return int(schedule[min(task_id, len(schedule) - 1)])
-        return int(self.cfg.get("rank", 10))
+        return self.options.rank
 
     def magnitude_init(self) -> float:
-        value = self.cfg.get("magnitude_init")
-        if value is not None:
-            return float(value)
+        if self.options.magnitude_init is not None:
+            return float(self.options.magnitude_init)
         return OFFICIAL_MAGNITUDE if self.official else 1.0
 
     # -- model -----------------------------------------------------------------------------
     def build(self, backbone: nn.Module, feature_dim: int,
               classes_per_task: Sequence[int]) -> ContinualClassifier:
-        model = adapter_model(backbone, feature_dim, self.target_patterns, self.cfg.get("blocks"))
+        model = adapter_model(backbone, feature_dim, self.target_patterns, self.options.blocks)
         model.sd_magnitudes = nn.ParameterDict()
         model.sd_current = None  # the task whose B A is used unnormalised
         for layer in model.lora_layers().values():
@@ -141,7 +198,7 @@ class SDLoRA(ContinualMethod):
 
     @property
     def boundary(self) -> str:
-        return self.cfg.get("boundary", "continuous")
+        return self.options.boundary
 
     @property
     def normalise(self) -> bool:
@@ -211,8 +268,8 @@ class SDLoRA(ContinualMethod):
         freeze(model)
         params = [p for layer in layers.values() for p in (layer.lora_A[key], layer.lora_B[key])]
         params += list(model.sd_magnitudes.values()) + list(model.heads[key].parameters())
-        fit = ctx.fit(model, FitRequest("sdlora", trainable(params), int(self.cfg["epochs"]),
-                                        float(self.cfg["lr"]), current_task_loss(ctx.offset)))
+        fit = ctx.fit(model, FitRequest("sdlora", trainable(params),
+                                        loss_fn=current_task_loss(ctx.offset)))
         freeze(model)
         meta = {"fits": [fit], "rank": rank}
         if self.distill and t > 0 and len(keys) > 1:
@@ -249,7 +306,7 @@ class SDLoRA(ContinualMethod):
     def _distill(self, model: ContinualClassifier, key: str) -> dict:
         old = [k for k in sorted(model.sd_magnitudes.keys()) if k != key]
         layers = model.lora_layers()
-        threshold = float(self.cfg.get("kd_threshold", 9e-4))
+        threshold = self.options.kd_threshold
         fits = {n: self.fit_new_direction(layer, key, old) for n, layer in layers.items()}
         residuals = {n: f[1] for n, f in fits.items()}
         absorb = all(r < threshold for r in residuals.values())
@@ -330,9 +387,10 @@ class SDLoRARR(SDLoRA):
     """SD-LoRA-RR: rank reduction over time (`rank_schedule`, default 10/8/6)."""
 
     name = "sdlora_rr"
+    Options = SDLoRARROptions
 
     def rank_for(self, task_id: int) -> int:
-        schedule = list(self.cfg.get("rank_schedule") or []) or [10, 10, 10, 10, 8, 8, 8, 8, 6]
+        schedule = list(self.options.rank_schedule) or RR_SCHEDULE
         return int(schedule[min(task_id, len(schedule) - 1)])
 
 
@@ -341,4 +399,6 @@ class SDLoRAKD(SDLoRA):
     """SD-LoRA-KD: absorb a new direction that the old ones already span (see module docstring)."""
 
     name = "sdlora_kd"
+    Options = SDLoRAKDOptions
+    options: SDLoRAKDOptions
     distill = True

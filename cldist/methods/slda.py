@@ -21,11 +21,13 @@ No image or per-sample feature is kept: statistics only.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ..config.schema import MethodOptions, RunConfig, resolve_targets
 from ..coordinator.statistics import ClassStatistics, merge_all
 from ..eval.routing import LinearDiscriminant, router_features
 from ..models.continual import ContinualClassifier
@@ -54,6 +56,14 @@ class DiscriminantHead(nn.Module):
         return (x.to(torch.float64) @ self.weight + self.bias).float()
 
 
+@dataclass
+class SLDAOptions(MethodOptions):
+    """configs/method/slda.yaml: nothing trains, so only the shared keys, unused; its settings
+    are the router's (router.shrinkage, router.projection_dim)."""
+    name: str = "slda"
+    epochs: int = 1
+
+
 @register_method
 class SLDA(ContinualMethod):
     """Streaming linear discriminant on the frozen backbone (see the module docstring).
@@ -61,23 +71,30 @@ class SLDA(ContinualMethod):
     Parameters: none are trained, so params_added is 0 for every task; what a task keeps
     instead is its class statistics in float64, (C_t + d + 1) x d numbers for C_t classes on
     d-dimensional features (d = P with the projection): class sums (C_t x d), the within-class
-    scatter (d x d) and C_t counts. Options (plain values from `method_options`):
-    `router.shrinkage`, `router.projection_dim` and the run's `seed` (the projection's)."""
+    scatter (d x d) and C_t counts. Settings: the run's `router.shrinkage`,
+    `router.projection_dim` and `seed` (the projection's), which `from_run` passes."""
 
     name = "slda"
+    Options = SLDAOptions
     prediction = "single"
     graph = "independent"
     class_statistics = True
 
-    def __init__(self, cfg: dict, target_patterns: Sequence[str], is_cnn: bool):
-        super().__init__(cfg, target_patterns, is_cnn)
-        missing = [k for k in ("router", "seed") if k not in self.cfg]
-        if missing:
-            raise ValueError(f"method slda needs the options {missing} (method_options(cfg) "
-                             f"supplies router.shrinkage, router.projection_dim and seed)")
-        self.shrinkage = float(self.cfg["router"]["shrinkage"])
-        self.projection_dim = int(self.cfg["router"]["projection_dim"])
-        self.seed = int(self.cfg["seed"])
+    def __init__(self, options: SLDAOptions, target_patterns: Sequence[str], is_cnn: bool, *,
+                 shrinkage: float, projection_dim: int, seed: int):
+        super().__init__(options, target_patterns, is_cnn)
+        self.shrinkage = float(shrinkage)
+        self.projection_dim = int(projection_dim)
+        self.seed = int(seed)
+
+    @classmethod
+    def from_run(cls, cfg: RunConfig, target_patterns=None, is_cnn=None) -> "SLDA":
+        """The statistics classifier is the router's: its settings, and the run's seed draws
+        the random projection."""
+        return cls(cfg.method, resolve_targets(cfg) if target_patterns is None else target_patterns,
+                   cfg.backbone.family == "cnn" if is_cnn is None else is_cnn,
+                   shrinkage=cfg.router.shrinkage, projection_dim=cfg.router.projection_dim,
+                   seed=cfg.seed)
 
     # -- scheduling ------------------------------------------------------------------------
     def prediction_dependencies(self, upto_task: int) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ..config.schema import RunConfig, method_options, resolve_targets
+from ..config.schema import MethodOptions, RunConfig
 from ..errors import ConfigError
 from ..coordinator.run_coordinator import allocate_ranks_locally
 from ..data import TaskReader, make_transform
@@ -51,8 +51,7 @@ class TaskJob:
 
 
 def make_method(cfg: RunConfig) -> ContinualMethod:
-    cls = get_method_class(cfg.method.name)
-    return cls(method_options(cfg), resolve_targets(cfg), is_cnn=cfg.backbone.family == "cnn")
+    return get_method_class(cfg.method.name).from_run(cfg)
 
 
 def backbone_spec(cfg: RunConfig) -> BackboneSpec:
@@ -118,14 +117,23 @@ def kernels(device: torch.device) -> str:
     return f"torch {torch.__version__}, {where}"
 
 
-def with_run_defaults(request: FitRequest, optimizer: str, weight_decay: float) -> FitRequest:
-    """`request` with the run's shared optimiser keys (method.optimizer, method.weight_decay)
-    wherever the method left them to the run (None)."""
+def with_run_defaults(request: FitRequest, options: MethodOptions,
+                      epochs: int | None = None) -> FitRequest:
+    """`request` with the run's shared optimiser keys wherever the method left them to the run
+    (None): method.optimizer, method.weight_decay, the learning rate from the options key the
+    request names (`lr_key`), and `epochs` (the run's main epochs; default method.epochs)."""
     changes = {}
     if request.optimizer is None:
-        changes["optimizer"] = optimizer
+        changes["optimizer"] = options.optimizer
     if request.weight_decay is None:
-        changes["weight_decay"] = float(weight_decay)
+        changes["weight_decay"] = float(options.weight_decay)
+    if request.lr is None:
+        if not hasattr(options, request.lr_key):
+            raise ValueError(f"phase {request.phase!r} names lr_key {request.lr_key!r}, which "
+                             f"method {options.name} has no key for")
+        changes["lr"] = float(getattr(options, request.lr_key))
+    if request.epochs is None:
+        changes["epochs"] = int(options.epochs if epochs is None else epochs)
     return dataclasses.replace(request, **changes) if changes else request
 
 
@@ -204,9 +212,11 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
             if on_epoch is not None and rank == 0:
                 on_epoch(t, phase, epoch, n_epochs, loss_value, lr)
         source, n_steps = (seen_batches, seen_steps) if request.data == "seen" else (batches, steps)
-        request = with_run_defaults(request, cfg.method.optimizer, cfg.method.weight_decay)
+        # the key is named only when the rate came from it (not a method's own float)
+        key = f"method.{request.lr_key}" if request.lr is None else None
+        request = with_run_defaults(request, cfg.method, cfg.main_epochs)
         return loop.fit(model_, request, source, n_steps, make_engine, device, report, task_id=t,
-                        lr_key=lr_key(cfg, request.lr))
+                        lr_key=key)
 
     allocation_seconds = [0.0]
 
@@ -296,13 +306,6 @@ def task_statistics(cfg: RunConfig, manifest: Manifest, method: ContinualMethod,
     return collect_task_statistics(model, method, task_id, classes, batches, device,
                                    projection=projection, reduce_mean=reduce_mean,
                                    world_size=world_size)
-
-
-def lr_key(cfg: RunConfig, lr: float) -> str | None:
-    """The config key a phase's learning rate came from (methods pass plain floats)."""
-    keys = [k for k, v in (("method.lr", cfg.method.lr), ("method.stage1_lr", cfg.method.stage1_lr))
-            if float(v) == float(lr)]
-    return keys[0] if len(keys) == 1 else None
 
 
 def json_safe(meta: dict) -> dict:
