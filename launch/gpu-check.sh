@@ -33,5 +33,9 @@ status=0
 timeout --signal=TERM --kill-after=30 540 \
     "$PYTHON" -m cldist.bench.gpu --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu-check.log" \
     || status=${PIPESTATUS[0]}
-echo "gpu check: JSON at $OUT/gpu.json, log at $OUT/gpu-check.log (exit $status)"
+if [[ -f "$OUT/gpu.json" ]]; then
+    echo "gpu check: JSON at $OUT/gpu.json, log at $OUT/gpu-check.log (exit $status)"
+else
+    echo "gpu check: no JSON written, see $OUT/gpu-check.log (exit $status)"
+fi
 exit "$status"

@@ -341,8 +341,10 @@ def resolve_device(device: str | None, tiny: bool) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: torch sees no CUDA device here")
     if dev.type == "cpu" and not tiny:
-        raise UserError("the GPU check found no CUDA device; run it on a GPU machine, or give "
-                        "--device cpu --tiny for a dry run of its logic on this CPU")
+        raise UserError("the GPU check found no CUDA device; run it on a GPU machine, or "
+                        "dry-run its logic on this CPU with tiny sizes: python -m "
+                        "cldist.bench.gpu --device cpu --tiny (launch/gpu-check.sh DIR -- "
+                        "--device cpu --tiny)")
     return dev
 
 
