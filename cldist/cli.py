@@ -297,9 +297,9 @@ def cmd_eval(run_dir: str, class_il: str | None = None, top_k: int | None = None
     from .config.compose import config_from_dict
     from .config.schema import validate
     from .eval.metrics import summarize
+    from .eval.stream_evaluator import stream_evaluator, task_il_metrics
     from .rundir import RunDir
     from .runners.inline import InlineRunner
-    from .stream import stream_evaluator, task_il_metrics
     from .train.task import make_method
     run = RunDir(run_dir)
     path, data = run.config_path, run.read_config()

@@ -109,9 +109,9 @@ def test_b_killed_evaluator_actor_is_restarted(three_tasks, uninterrupted, tmp_p
                                                ray_cluster, monkeypatch):
     import ray
 
-    from cldist import stream
+    from cldist.eval.stream_evaluator import StreamEvaluator
     killed = []
-    original = stream.StreamEvaluator.tasks_finished
+    original = StreamEvaluator.tasks_finished
 
     def kill_then_score(self, tasks):
         # before the second scoring request, kill the evaluator holding sub-network 0
@@ -121,7 +121,7 @@ def test_b_killed_evaluator_actor_is_restarted(three_tasks, uninterrupted, tmp_p
             killed.append(actor)
         return original(self, tasks)
 
-    monkeypatch.setattr(stream.StreamEvaluator, "tasks_finished", kill_then_score)
+    monkeypatch.setattr(StreamEvaluator, "tasks_finished", kill_then_score)
     run_dir = tmp_path / "run"
     metrics = _ray_stream(three_tasks, run_dir)
     assert killed, "no evaluator was killed"

@@ -179,7 +179,7 @@ def test_ray_runner_routes_like_inline(inline_run, data, tmp_path, ray_cluster):
     the same inline-trained run re-scored through them is the same to the bit; a whole run
     through the Ray runner (eval.class_il=ensemble) agrees up to training's float noise."""
     from cldist.distributed.runner import RayRunner
-    from cldist.stream import stream_evaluator
+    from cldist.eval.stream_evaluator import stream_evaluator
     from cldist.data.manifest import Manifest
     metrics, run_dir = inline_run
     cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
