@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from cldist.bench import gpu
-from cldist.bench.step import (StepClock, deepspeed_engine, fit_steps, flops_per_step, lora_vit,
-                               memory_batches, plain_steps, run_step_bench, torch_engine)
+from cldist.bench.step import (StepClock, compare_steps, deepspeed_engine, fit_steps,
+                               flops_per_step, lora_vit, memory_batches, plain_steps,
+                               run_step_bench, torch_engine)
 from cldist.methods.base import FitRequest
 from cldist.train.loop import NonFiniteLoss, fit
 
@@ -100,6 +101,27 @@ def test_step_clock_times_the_steps_after_warm_up():
     short(0)
     with pytest.raises(RuntimeError, match="1 steps timed, expected 3"):
         short.ms_per_step()
+
+
+def test_compare_steps_interleaves_and_stops_as_the_ranks_agree():
+    order, asked = [], []
+
+    def variant(label):
+        def run(clock):
+            order.append(label)
+            for step in range(3):
+                clock(step)
+        return run
+
+    def agree(stop):  # as if another rank had run out of budget after the second repeat
+        asked.append(stop)
+        return len(asked) == 2
+
+    wall, cpu = compare_steps({"a": variant("a"), "b": variant("b")}, repeats=5, warmup=1,
+                              steps=2, device=torch.device("cpu"), budget_s=1e9,
+                              min_repeats=1, agree=agree)
+    assert order == ["a", "b", "a", "b"] and asked == [False, False]
+    assert len(wall["a"]) == len(cpu["b"]) == 2
 
 
 def test_step_bench_json_with_two_workers(tmp_path, ray_cluster):

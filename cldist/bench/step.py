@@ -170,10 +170,12 @@ class StepClock:
 
 def compare_steps(variants: dict[str, Callable[[OnStep], object]], repeats: int, warmup: int,
                   steps: int, device: torch.device,
-                  budget_s: float | None = None, min_repeats: int = 1) -> tuple[dict, dict]:
+                  budget_s: float | None = None, min_repeats: int = 1,
+                  agree: Callable[[bool], bool] | None = None) -> tuple[dict, dict]:
     """(wall, CPU) ms/step of each variant, as {label: [ms per repeat]}; `run(on_step)` trains
     `warmup + steps` steps. Repeats are interleaved: variant 1, variant 2, ..., variant 1, ...
-    Stops after a whole repeat once `budget_s` has passed, but not before `min_repeats`."""
+    Stops after a whole repeat once `budget_s` has passed, but not before `min_repeats`;
+    with several ranks, `agree` (this rank's "stop" -> any rank's) makes it one decision."""
     start = time.perf_counter()
     times: dict[str, list[float]] = {label: [] for label in variants}
     cpu: dict[str, list[float]] = {label: [] for label in variants}
@@ -184,7 +186,11 @@ def compare_steps(variants: dict[str, Callable[[OnStep], object]], repeats: int,
             times[label].append(clock.ms_per_step(0))
             cpu[label].append(clock.ms_per_step(1))
         done = len(times[next(iter(times))])
-        if budget_s is not None and done >= min_repeats and time.perf_counter() - start > budget_s:
+        stop = budget_s is not None and done >= min_repeats \
+            and time.perf_counter() - start > budget_s
+        if agree is not None:
+            stop = agree(stop)
+        if stop:
             break
     return times, cpu
 
@@ -226,7 +232,8 @@ FIT_TORCH = "cldist fit + torch engine (inline runner)"
 FIT_ZERO0 = "cldist fit + DeepSpeed ZeRO-0 (ray runner)"
 
 
-def one_worker_rows(s: dict, device: torch.device = torch.device("cpu")) -> tuple[dict, dict, list]:
+def one_worker_rows(s: dict, device: torch.device = torch.device("cpu")
+                    ) -> tuple[dict, dict, list]:
     """Plain loop vs fit + torch engine vs fit + DeepSpeed ZeRO-0 in this process:
     (wall ms, CPU ms, rows)."""
     n_classes = 10
@@ -302,8 +309,14 @@ def _two_worker_fn(config: dict) -> None:
         labels[3]: synced(lambda c: fit_steps(*models[labels[3]], batches, device, c,
                                               deepspeed_engine(2, per_worker))),
     }
+    def any_rank(stop: bool) -> bool:  # every rank must run the same repeats (collectives)
+        flag = torch.tensor([float(stop)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     wall, cpu = compare_steps(variants, s["repeats"], s["warmup"], s["steps"], device,
-                              s.get("budget_s"), min_repeats=min(2, s["repeats"]))
+                              s.get("budget_s"), min_repeats=min(2, s["repeats"]),
+                              agree=any_rank)
     report({"times_json": json.dumps({"wall": wall, "cpu": cpu}), "world_size": world_size})
 
 
