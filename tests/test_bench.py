@@ -200,8 +200,23 @@ def test_a_part_that_fails_or_overruns_leaves_an_error_and_the_rest_runs(tmp_pat
     assert stream["status"] == "error" and "PartTimeout" in stream["error"]
     assert "budget of 0.5 s" in stream["error"]
     assert scoring == {"status": "ok", "figure": 1.5, "seconds": scoring["seconds"],
-                       "budget_s": 60}
+                       "budget_s": gpu.SETTINGS["tiny"]["scoring"]["budget_s"]}
     assert [r["part"] for r in written["rows"]] == ["train", "stream", "scoring"]
+
+
+def test_scoring_falls_back_to_an_inline_run_when_the_ray_stream_failed(tmp_path,
+                                                                         monkeypatch):
+    def no_ray(work, s, device, context):
+        raise RuntimeError("NCCL error: unhandled system error")
+
+    monkeypatch.setitem(gpu.PART_FUNCTIONS, "stream", no_ray)
+    result = gpu.run_gpu_check(tmp_path, None, device="cpu", tiny=True,
+                               parts=("stream", "scoring"))
+    assert result["parts"]["stream"]["status"] == "error"
+    scoring = result["parts"]["scoring"]
+    assert scoring["status"] == "ok", scoring
+    assert scoring["run"].startswith("an inline run") and scoring["tasks"] == 3
+    assert scoring["ensemble_images_per_s"] > 0 and scoring["routed_images_per_s"] > 0
 
 
 def test_gpu_check_refuses_a_cpu_without_tiny_and_unknown_parts(tmp_path, capsys):
@@ -249,6 +264,8 @@ def test_gpu_check_tiny_on_cpu_runs_every_part(tmp_path, ray_cluster, capsys):
     assert len(stream["train_s_per_task"]) == 3 and 0 <= stream["acc"] <= 100
 
     scoring = result["parts"]["scoring"]
+    assert scoring["run"] == "the stream part's run (Ray runner)"
+    assert scoring["run_dir"] == stream["run_dir"]
     assert scoring["tasks"] == 3 and scoring["test_images"] == 3 * 2 * 4
     assert scoring["ensemble_images_per_s"] > 0 and scoring["routed_images_per_s"] > 0
     assert scoring["forwards_per_image_ensemble"] == 3
