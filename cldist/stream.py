@@ -24,6 +24,7 @@ from .eval.stream_evaluator import stream_evaluator, task_il_metrics
 from .report.progress import Progress
 from .report.summary import format_summary_table
 from .report.tensorboard import TensorBoardLogger
+from .runners import make_runner
 from .train.task import TaskJob, make_method
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -137,20 +138,6 @@ def seed_record(cfg: RunConfig, manifest: Manifest) -> dict:
     }
 
 
-def make_runner(cfg: RunConfig, run_dir: Path, progress: Progress, job_slots=None):
-    if cfg.runner == "inline":
-        from .runners.inline import InlineRunner
-        return InlineRunner(cfg, run_dir, on_epoch=_epoch_printer(progress))
-    from .distributed.runner import RayRunner
-    return RayRunner(cfg, run_dir, progress=progress, job_slots=job_slots)
-
-
-def _epoch_printer(progress: Progress):
-    def on_epoch(task_id, phase, epoch, n_epochs, loss, lr):
-        progress.epoch(task_id, phase, epoch + 1, n_epochs, loss, lr)
-    return on_epoch
-
-
 class _Signals:
     """While a run trains, SIGTERM and SIGINT raise Interrupted in the main thread: the driver
     then records "interrupted" in state.json, stops its runner and exits non-zero, leaving the
@@ -232,7 +219,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, resuming: bool, signals: _Signals
         for note in run.prepare_resume(deps, n):
             print(f"[resume] {note}", flush=True)
     progress = Progress(n, stream=progress_stream)
-    runner = make_runner(cfg, run_dir, progress, job_slots)
+    runner = make_runner(cfg.runner, cfg, run_dir, progress=progress, job_slots=job_slots)
     signals.install()  # again: starting Ray replaced the SIGTERM handler with its own
     coordinator = runner.coordinator  # the one owner of state.json
     coordinator.set("status", "running")

@@ -39,7 +39,7 @@ import threading
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import ray
 import ray.train
@@ -48,7 +48,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..config.schema import RunConfig, gpu_shares
 from ..eval.scoring import Block, SingleScores, saved_task_statistics
 from ..rundir import RunDir
-from ..runners import OnTaskDone, ready_order
+from ..runners import OnTaskDone, OnTaskStarted, done_before, ready_order
 from ..train.task import TaskJob
 from .actors import CoordinatorActor, CoordinatorProxy, EvaluatorActor
 from .cluster import connect
@@ -263,6 +263,7 @@ EVALUATOR_ATTEMPTS = 3  # tries of one scoring request, each with lost evaluator
 
 class RayRunner:
     name = "ray"
+    coordinator: CoordinatorProxy
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, progress=None, job_slots=None):
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir).resolve(), progress
@@ -350,11 +351,11 @@ class RayRunner:
         return groups[:free_slots]
 
     def run_tasks(self, jobs: dict[int, TaskJob], deps: dict[int, list[int]],
-                  on_done: OnTaskDone, started: Callable[[int], None] | None = None) -> None:
+                  on_done: OnTaskDone, started: OnTaskStarted | None = None) -> None:
         if self.cfg.trainer.tasks_per_job == "auto":
             return self._run_slots(jobs, deps, on_done, started)
         pending = sorted(jobs)
-        done = {t for t in deps if t not in jobs}
+        done = done_before(jobs, deps)
         running: dict[Future, list[int]] = {}
         slots = self._concurrency()
         with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="cldist-task") as pool:
@@ -381,14 +382,14 @@ class RayRunner:
 
     # -- job slots (trainer.tasks_per_job=auto) ---------------------------------------------
     def _run_slots(self, jobs: dict[int, TaskJob], deps: dict[int, list[int]],
-                   on_done: OnTaskDone, started: Callable[[int], None] | None) -> None:
+                   on_done: OnTaskDone, started: OnTaskStarted | None) -> None:
         """Up to `_concurrency()` long-lived job slots pull ready tasks from the coordinator's
         queue (cldist.runners.slots) until none is ready; each slot commits every task it
         learns, and the driver hands each commit to `on_done` as soon as it sees it (tasks
         seen together, together). A slot is started only for a ready task no running slot will
         take: a chain runs in one slot, PEARL's independent tasks in as many as fit."""
         ray.get(self._coordinator.open_queue.remote(
-            sorted(jobs), {t: list(deps[t]) for t in jobs}, [t for t in deps if t not in jobs]))
+            sorted(jobs), {t: list(deps[t]) for t in jobs}, sorted(done_before(jobs, deps))))
         config = {"run_dir": str(self.run_dir), "config": next(iter(jobs.values())).config,
                   "coordinator": self.coordinator_name, "namespace": self.namespace}
         limit = self._concurrency()
@@ -453,7 +454,7 @@ class RayRunner:
             self.progress.message(f"[retry] job slot {name} was restarted {retries}x ({what}); "
                                   f"the tasks it had committed were kept")
 
-    def _deliver(self, on_done: OnTaskDone, started: Callable[[int], None] | None,
+    def _deliver(self, on_done: OnTaskDone, started: OnTaskStarted | None,
                  delivered: set[int]) -> None:
         """Hand the slots' claims to `started` and their commits to `on_done`."""
         self._print_events()

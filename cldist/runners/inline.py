@@ -15,13 +15,20 @@ from ..config.schema import RunConfig
 from ..coordinator.run_coordinator import RunCoordinator
 from ..eval.scoring import Block, Scorer, SingleScores
 from ..train.task import TaskJob, train_task
-from . import OnTaskDone, ready_order
+from . import OnTaskDone, OnTaskStarted, done_before, ready_order
 
 
 class InlineRunner:
     name = "inline"
+    coordinator: RunCoordinator
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, on_epoch: Callable | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, on_epoch: Callable | None = None,
+                 *, progress=None, job_slots=None):
+        """`on_epoch(task, phase, epoch, n_epochs, loss, lr)` after every epoch (default:
+        `progress`'s epoch line); `job_slots` (a sweep's bound on Ray jobs) is not needed:
+        this runner trains in its caller's thread."""
+        if on_epoch is None and progress is not None:
+            on_epoch = _epoch_printer(progress)
         self.cfg, self.run_dir, self.on_epoch = cfg, Path(run_dir), on_epoch
         # a run's pre-flight refuses use_gpu without a GPU; re-scoring it elsewhere
         # (`cldist eval`) may use the CPU
@@ -30,9 +37,9 @@ class InlineRunner:
         self.coordinator = RunCoordinator(run_dir)
 
     def run_tasks(self, jobs: dict[int, TaskJob], deps: dict[int, list[int]],
-                  on_done: OnTaskDone, started: Callable[[int], None] | None = None) -> None:
+                  on_done: OnTaskDone, started: OnTaskStarted | None = None) -> None:
         pending = sorted(jobs)
-        done = {t for t in deps if t not in jobs}
+        done = done_before(jobs, deps)
         while pending:
             ready = ready_order(pending, deps, done)
             if not ready:
@@ -69,3 +76,9 @@ class InlineRunner:
 
     def close(self) -> None:
         self._scorer = None
+
+
+def _epoch_printer(progress):
+    def on_epoch(task_id, phase, epoch, n_epochs, loss, lr):
+        progress.epoch(task_id, phase, epoch + 1, n_epochs, loss, lr)
+    return on_epoch
