@@ -29,9 +29,17 @@ draws) and timm's test ViT, so they need no download and take minutes on a 2-cor
 - `slots`: the 100-task stream and the default stream (fmnist_5t) with one Ray Train job per
   task (baseline) vs fixed packings (`trainer.tasks_per_job=N`) vs job slots
   (`trainer.tasks_per_job=auto`); wall time and the number of jobs started.
+- `step` (step.py): one training step of a LoRA vit_tiny - a hand-written PyTorch loop
+  (baseline) vs `fit` over the torch engine and over DeepSpeed ZeRO-0; ZeRO-0/2 with 2 workers
+  beside a hand-written all-reduce loop.
+- `layers` (layers.py): forward + backward of a LoRA Linear, a LoRA Conv2d and a test_vit step
+  at 1, 10, 50, 100 branches - the per-branch loop (baseline) vs the batched layer.
+- `gpu` (gpu.py, not in a bare `cldist bench`): the prepared GPU check - ViT-B/16 LoRA in bf16
+  (images/s, MFU) beside a plain loop, a 3-task PEARL stream on the GPU, scoring throughput.
 
     cldist bench svd                  # seconds
-    cldist bench                      # all of them, ~25 min on 2 cores
+    cldist bench step layers          # < 10 min on 2 cores
+    cldist bench                      # all but gpu; the slots benchmark alone is ~1 h on 2 cores
 """
 from __future__ import annotations
 
