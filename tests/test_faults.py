@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from . import faults
 from .conftest import first_tasks, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,11 +84,11 @@ def test_a_killed_training_worker_is_retried_from_its_last_checkpoint(
         # rank 0 SIGKILLs itself after its first epoch of task 2, the second task of the job
         # learning tasks 1 and 2, i.e. after the job had reported task 1
         out = prepare(cfg, manifest)
-        (out / ".faults").mkdir()
-        (out / ".faults" / "kill-worker-002").touch()
+        faults.arm_kill_worker(out, 2)  # consumed by faults.kill_worker
         return out
 
     monkeypatch.setattr(stream, "prepare_run_dir", prepare_with_fault)
+    faults.install(monkeypatch)
     metrics = _ray_stream(three_tasks, run_dir, "trainer.max_failures=1",
                           "trainer.max_concurrent_tasks=1")  # one job learns tasks 1 and 2
 
@@ -295,11 +296,11 @@ def test_f_killed_slot_worker_relearns_only_the_task_it_held(
 
     def prepare_with_fault(cfg, manifest):
         out = prepare(cfg, manifest)
-        (out / ".faults").mkdir()
-        (out / ".faults" / "kill-worker-002").touch()
+        faults.arm_kill_worker(out, 2)  # consumed by faults.kill_worker
         return out
 
     monkeypatch.setattr(stream, "prepare_run_dir", prepare_with_fault)
+    faults.install(monkeypatch)
     metrics = stream.run_stream(compose(tiny_overrides(
         three_tasks, run_dir, "runner=ray", "trainer.tasks_per_job=auto",
         "trainer.max_failures=1", "trainer.max_concurrent_tasks=1", *LEARN)))

@@ -105,3 +105,11 @@ def test_make_runner_builds_the_inline_runner_with_progress(tmp_path, monkeypatc
     runner = make_runner("inline", "CFG", tmp_path, progress="P", job_slots="S")
     assert isinstance(runner, Fake)
     assert built == {"cfg": "CFG", "run_dir": tmp_path, "progress": "P", "job_slots": "S"}
+
+
+def test_production_workers_inject_no_faults():
+    """Workers call only the epoch hooks the driver sends: none unless a test installs one
+    (tests/faults.py)."""
+    from cldist.distributed import runner
+    assert runner.WORKER_EPOCH_HOOKS == ()
+    assert "kill-worker" not in inspect.getsource(runner)  # the markers are tests/faults.py's

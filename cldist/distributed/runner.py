@@ -56,18 +56,26 @@ from .train_job import run_train_job
 
 logger = logging.getLogger(__name__)
 
+# Callables every training worker calls at the end of each epoch, as
+# hook(run_dir, task_id, phase=..., epoch=..., rank=...): none in a run; a test installs its
+# own (tests/faults.py kills a worker this way). The driver sends them with each job, so
+# they must pickle (a module workers cannot import: ship it by value, train_job).
+WORKER_EPOCH_HOOKS: tuple = ()
+
 
 class _Worker:
     """What every worker of a task job needs: its rank and device, the coordinator, and the
     hooks `train_task` calls (DeepSpeed engines, rank allocation, epoch events)."""
 
-    def __init__(self, run_dir: str, config: dict, coordinator: str, namespace: str):
+    def __init__(self, run_dir: str, config: dict, coordinator: str, namespace: str,
+                 epoch_hooks: Sequence = ()):
         import torch
 
         from .train_job import worker_context
 
         self.rank, self.world_size, self.device = worker_context()
         self.run_dir, self.config = run_dir, config
+        self.epoch_hooks = tuple(epoch_hooks)
         self.cfg = RunConfig.from_dict(config)
         torch.set_num_threads(max(1, int(self.cfg.trainer.torch_threads
                                          or self.cfg.trainer.cpus_per_worker)))
@@ -101,7 +109,8 @@ class _Worker:
         self.coordinator.post_event.remote({"kind": "epoch", "task": task_id, "phase": phase,
                                             "epoch": epoch, "n_epochs": n_epochs, "loss": loss,
                                             "lr": lr})
-        _maybe_inject_fault(self.run_dir, task_id)
+        for hook in self.epoch_hooks:
+            hook(self.run_dir, task_id, phase=phase, epoch=epoch, rank=self.rank)
 
     def learn_and_report(self, task_id: int, **extra) -> None:
         """Learn one task and report it (every rank: a barrier); rank 0's task files are the
@@ -132,7 +141,8 @@ def task_worker(config: dict) -> None:
     instead of starting the group again.
     """
     jobs = [TaskJob(**j) for j in config["jobs"]]
-    w = _Worker(jobs[0].run_dir, jobs[0].config, config["coordinator"], config["namespace"])
+    w = _Worker(jobs[0].run_dir, jobs[0].config, config["coordinator"], config["namespace"],
+                config.get("epoch_hooks", ()))
     if w.rank == 0:  # the driver counts attempts per job to report retries
         ray.get(w.coordinator.post_event.remote({"kind": "attempt", "job": config["job_name"]}))
 
@@ -162,7 +172,8 @@ def slot_worker(config: dict) -> None:
     """
     from .train_job import broadcast_object
 
-    w = _Worker(config["run_dir"], config["config"], config["coordinator"], config["namespace"])
+    w = _Worker(config["run_dir"], config["config"], config["coordinator"], config["namespace"],
+                config.get("epoch_hooks", ()))
     slot = config["job_name"]
     attempt = ray.get(w.coordinator.slot_started.remote(slot)) if w.rank == 0 else 0
     checkpoint = ray.train.get_checkpoint()
@@ -241,23 +252,6 @@ def _tasks_reported_before(checkpoint, group: list[int]) -> set[int]:
     return set(group[: group.index(last) + 1])
 
 
-# Fault injection (the reliability tests, or an operator rehearsing a failure): a file
-# RUN_DIR/.faults/kill-worker-TTT makes the rank-0 worker learning task TTT kill itself with
-# SIGKILL at the end of its first epoch. The file is consumed first, so the retry goes through.
-FAULTS_DIR = ".faults"
-
-
-def _maybe_inject_fault(run_dir: str, task_id: int) -> None:
-    import os
-    import signal
-    marker = Path(run_dir) / FAULTS_DIR / f"kill-worker-{task_id:03d}"
-    try:
-        os.rename(marker, marker.with_name(marker.name + ".done"))  # exactly one taker
-    except OSError:
-        return
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 EVALUATOR_ATTEMPTS = 3  # tries of one scoring request, each with lost evaluators replaced
 
 
@@ -304,7 +298,8 @@ class RayRunner:
         """Learn `group` (independent tasks) in one Ray Train job; each task's meta, in order."""
         config = {"jobs": [{"run_dir": str(self.run_dir), "config": j.config, "task_id": j.task_id}
                            for j in group],
-                  "coordinator": self.coordinator_name, "namespace": self.namespace}
+                  "coordinator": self.coordinator_name, "namespace": self.namespace,
+                  "epoch_hooks": WORKER_EPOCH_HOOKS}
         ids = [j.task_id for j in group]
         name = f"task-{ids[0]:03d}" + (f"-{ids[-1]:03d}" if len(ids) > 1 else "") + \
             f"-{uuid.uuid4().hex[:6]}"
@@ -391,7 +386,8 @@ class RayRunner:
         ray.get(self._coordinator.open_queue.remote(
             sorted(jobs), {t: list(deps[t]) for t in jobs}, sorted(done_before(jobs, deps))))
         config = {"run_dir": str(self.run_dir), "config": next(iter(jobs.values())).config,
-                  "coordinator": self.coordinator_name, "namespace": self.namespace}
+                  "coordinator": self.coordinator_name, "namespace": self.namespace,
+                  "epoch_hooks": WORKER_EPOCH_HOOKS}
         limit = self._concurrency()
         running: dict[Future, str] = {}
         delivered: set[int] = set()
