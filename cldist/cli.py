@@ -271,6 +271,10 @@ def _resume_locked(run_dir: str, overrides: list[str], allow_lr: bool) -> int:
     path, data = run.config_path, run.read_config()
     old_lrs = _apply_overrides(data, overrides, allow_lr)
     cfg = config_from_dict(data, origin=str(path))
+    foreign = [k for k in old_lrs if not hasattr(cfg.method, k.split(".")[1])]
+    if foreign:  # config.json keeps every method's keys (format 1); this method has not these
+        raise UserError(f"{', '.join(foreign)}: not an option of method {cfg.method.name} "
+                        f"(run {run_dir}); its learning rate is method.lr")
     state = run.state()  # both read (and checked) before anything is changed
     run.read_manifest()
     changed = {k: getattr(cfg.method, k.split(".")[1]) for k, old in old_lrs.items()
