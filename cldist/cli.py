@@ -22,20 +22,8 @@ from pathlib import Path
 
 from .errors import Interrupted, UserError
 
-# Where and how the rest of a run executes may change on resume; what it computes may not.
-RESUME_OVERRIDABLE = ("cluster.", "trainer.max_concurrent_tasks", "trainer.max_failures",
-                      "trainer.poll_interval_s", "trainer.gpus_per_worker", "runner", "report")
-# ...and, with --allow-lr-change, the learning rates: lowering one is the fix a NaN loss asks
-# for, and restarting a long stream for it would throw away every finished task. It changes
-# what the run computes, hence the explicit flag; the new value is written into the run's
-# config, and state.json records which tasks had finished before it.
-RESUME_LR_KEYS = ("method.lr", "method.stage1_lr")
-LR_FLAG = "--allow-lr-change"
-
-
-def _resume_may_change(key: str, allow_lr: bool) -> bool:
-    keys = RESUME_OVERRIDABLE + (RESUME_LR_KEYS if allow_lr else ())
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+from .config.overrides import (LR_FLAG, RESUME_LR_KEYS, RESUME_OVERRIDABLE, apply_overrides,
+                               refuse_resume_overrides)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -217,40 +205,10 @@ def cmd_run(overrides: list[str], multirun: bool = False) -> int:
     return 0
 
 
-def _apply_overrides(data: dict, overrides: list[str], allow_lr: bool) -> dict[str, object]:
-    """Set each KEY=VALUE in `data` (in place); returns the learning rates set, old values."""
-    from .config.compose import did_you_mean
-    _refuse_resume_overrides(overrides, allow_lr)
-    persisted = {}
-    for o in overrides:
-        key, sep, value = o.partition("=")
-        if not sep:
-            raise UserError(f"override {o!r} is not KEY=VALUE")
-        node = data
-        *parents, leaf = key.split(".")
-        for k in parents:
-            node = node.get(k) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            raise UserError(f"override {key!r} does not exist{did_you_mean(key)}")
-        if key in RESUME_LR_KEYS:
-            persisted[key] = node[leaf]  # the old value
-        node[leaf] = _parse_value(value)
-    return persisted
-
-
-def _refuse_resume_overrides(overrides: list[str], allow_lr: bool) -> None:
-    bad = [o for o in overrides if not _resume_may_change(o.split("=", 1)[0], allow_lr)]
-    if bad:
-        raise UserError(f"resume keeps the run's own config; {bad} would change it. Only "
-                        f"{', '.join(RESUME_OVERRIDABLE)} may be overridden on resume (and "
-                        f"{', '.join(RESUME_LR_KEYS)} with {LR_FLAG}) - start a new run for "
-                        f"other changes")
-
-
 def cmd_resume(run_dir: str, overrides: list[str], allow_lr: bool = False) -> int:
     from .rundir import RunDir
     from .sweep import SWEEP_FILE, resume_sweep
-    _refuse_resume_overrides(overrides, allow_lr)  # the arguments first: nothing read yet
+    refuse_resume_overrides(overrides, allow_lr)  # the arguments first: nothing read yet
     run = RunDir(run_dir)
     if (Path(run_dir) / SWEEP_FILE).is_file() and not run.state_path.exists():
         if allow_lr:
@@ -269,7 +227,7 @@ def _resume_locked(run_dir: str, overrides: list[str], allow_lr: bool) -> int:
     from .stream import run_stream
     run = RunDir(run_dir)
     path, data = run.config_path, run.read_config()
-    old_lrs = _apply_overrides(data, overrides, allow_lr)
+    old_lrs = apply_overrides(data, overrides, allow_lr)
     cfg = config_from_dict(data, origin=str(path))
     foreign = [k for k in old_lrs if not hasattr(cfg.method, k.split(".")[1])]
     if foreign:  # config.json keeps every method's keys (format 1); this method has not these
@@ -286,11 +244,6 @@ def _resume_locked(run_dir: str, overrides: list[str], allow_lr: bool) -> int:
               f"{state.path}", flush=True)
     run_stream(cfg, resume_dir=run_dir)
     return 0
-
-
-def _parse_value(text: str):
-    import yaml
-    return yaml.safe_load(text) if text != "" else ""
 
 
 def cmd_eval(run_dir: str, class_il: str | None = None, top_k: int | None = None,

@@ -637,8 +637,8 @@ def run_sweep(overrides: list[str]) -> int:
 def resume_sweep(sweep_dir: str | Path, overrides: list[str]) -> int:
     """`cldist resume SWEEP`: finished members are kept, interrupted or failed ones resume
     from their last committed task, members that never started start now. `overrides` may
-    change only where and how the members run (cli.RESUME_OVERRIDABLE)."""
-    from .cli import _apply_overrides
+    change only where and how the members run (config.overrides.RESUME_OVERRIDABLE)."""
+    from .config.overrides import apply_overrides
     from .config.compose import config_from_dict
     sweep_dir = Path(sweep_dir)
     acquire_lock(sweep_dir)
@@ -663,7 +663,7 @@ def resume_sweep(sweep_dir: str | Path, overrides: list[str]) -> int:
                 continue
             try:
                 path, data = run.config_path, run.read_config()
-                _apply_overrides(data, overrides, False)
+                apply_overrides(data, overrides, False)
                 cfg = config_from_dict(data, origin=str(path))
             except UserError as e:
                 problems.append(f"member {m.name}: {e}")
