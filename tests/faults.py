@@ -1,4 +1,4 @@
-"""Faults the reliability tests (tests/test_faults.py) inject into Ray training workers.
+"""Faults the reliability tests (tests/system/test_faults.py) inject into Ray training workers.
 
 Production workers only call the epoch hooks the driver hands them
 (cldist.distributed.runner.WORKER_EPOCH_HOOKS, empty in a real run); `install` makes

@@ -3,7 +3,7 @@
 The queue's rules are checked on their own (cldist.runners.slots, no Ray); the Ray streams
 check that slots learn the same tasks to the same numbers as one job per task, that a chain
 runs in one slot in the graph's order, and that PEARL's independent tasks spread over the
-slots the cluster has room for. tests/test_faults.py kills a slot's worker mid-task.
+slots the cluster has room for. tests/system/test_faults.py kills a slot's worker mid-task.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from cldist.runners.slots import SlotQueue
 
-from .conftest import first_tasks, tiny_overrides
+from tests.conftest import first_tasks, tiny_overrides
 
 N_TASKS = 3
 

@@ -23,7 +23,7 @@ from cldist.data.remote import check_location, open_url
 from cldist.data.verify import verify_dataset
 from cldist.errors import DataError
 
-from .conftest import serve_directory
+from tests.conftest import serve_directory
 
 GIB = 1 << 30
 

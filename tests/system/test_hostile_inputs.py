@@ -29,7 +29,7 @@ import pytest
 
 from cldist.cli import main
 
-from .conftest import first_tasks, serve_directory, tiny_overrides, write_tar
+from tests.conftest import first_tasks, serve_directory, tiny_overrides, write_tar
 
 NO_RUN = "no run dir"      # the error came before the run: RUN_DIR was never created
 UNTOUCHED = "untouched"    # RUN_DIR (or the path given) is exactly as it was before the command
@@ -433,7 +433,7 @@ def disk_full_on_commit(w: World):
     """ENOSPC from the atomic writer while state.json records task 1 as finished."""
     # The trigger is what is written (the first state that lists task 1), not a write count,
     # so the case still hits the commit if the driver writes state.json more or less often.
-    import cldist.rundir.atomic as atomic
+    import cldist.atomic_io as atomic
     real = atomic._write_and_sync
 
     def full(fh, data: bytes):

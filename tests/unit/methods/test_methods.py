@@ -41,7 +41,7 @@ from cldist.train.statistics import (STATS_STEM, collect_task_statistics, router
 from cldist.train.task import with_run_defaults
 from cldist.coordinator.run_coordinator import allocate_ranks_locally
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 # methods that train nothing: their model is made of the saved statistics of every seen task
 TRAINING_FREE = {"slda"}
 N_TASKS, CLASSES, PER_CLASS, BATCH, SIZE = 3, 2, 8, 8, 16
@@ -332,7 +332,7 @@ def test_yaml_defaults_are_the_options_defaults():
 
 def test_a_method_refuses_keys_it_does_not_have():
     """Every unknown key is named, with the bad values, in one error (`cldist run` refuses them
-    through Hydra: tests/test_cli.py)."""
+    through Hydra: tests/unit/test_cli.py)."""
     with pytest.raises(ConfigError) as e:
         method_config("pearl", gpm_epz=0.5, kappa_maximum=1, stage1_lr=-1.0)
     text = str(e.value)
@@ -409,7 +409,7 @@ def test_a_new_method_is_one_file_one_yaml_one_row(tmp_path, digits_dir, monkeyp
     from cldist.methods.common import head_state, load_head
     from cldist.models.continual import freeze
 
-    from .conftest import first_tasks, tiny_overrides
+    from tests.conftest import first_tasks, tiny_overrides
 
     @dataclasses.dataclass
     class TinyProbeOptions(MethodOptions):

@@ -5,7 +5,7 @@ actor, (c) a killed driver followed by `cldist resume`, (d) a node leaving a 2-n
 Each run must end with every task committed exactly once and the same accuracy matrix as an
 uninterrupted run: bit-identical for (c) (inline runner, CPU), and within MATRIX_TOL
 percentage points for the Ray runs, which train with a DeepSpeed engine instead of torch's
-AdamW (tests/test_stream.py measures that difference without faults; 60 test images per task,
+AdamW (tests/system/test_stream.py measures that difference without faults; 60 test images per task,
 1.67 pp each).
 
 The stream is PEARL on the first three digits tasks: task 0 trains the reference, tasks 1 and
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from . import faults
-from .conftest import first_tasks, tiny_overrides
+from tests import faults
+from tests.conftest import first_tasks, tiny_overrides
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MATRIX_TOL = 3.4  # two test images
 N_TASKS = 3
 # long enough for the reference (task 0) to learn its classes, so the matrices compared
@@ -172,7 +172,7 @@ def test_c_killed_driver_then_resume(three_tasks, uninterrupted, tmp_path):
     _check_complete(run_dir, metrics, uninterrupted, tol=0)
 
 
-# A two-node cluster in a subprocess (as tests/test_multinode.py), whose worker node is
+# A two-node cluster in a subprocess (as tests/system/test_multinode.py), whose worker node is
 # removed while a Train worker runs on it. Prints one RESULT line of JSON.
 NODE_LOSS_SCRIPT = r"""
 import json, sys, threading, time
@@ -241,7 +241,7 @@ LONG_TASKS = ("method.epochs=30",)  # seconds per task: the node goes mid-task
 @pytest.mark.slow
 def test_d_lost_node_jobs_move_to_the_survivor(three_tasks, uninterrupted_long, tmp_path):
     uninterrupted = uninterrupted_long
-    from .test_multinode import _run_two_node_cluster
+    from tests.system.test_multinode import _run_two_node_cluster
     run_dir = tmp_path / "run"
     # tasks 1 and 2 run as two 1-worker jobs side by side, one per 1-CPU node
     result = _run_two_node_cluster(

@@ -38,9 +38,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import tiny_overrides
+from tests.conftest import tiny_overrides
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MATRIX_TOL = 5.0  # percentage points per accuracy-matrix cell (3 of 60 test images)
 WEIGHT_TOL = 1e-3  # max |w_2node - w_inline| over every saved tensor (measured: 5e-5)
 SHELL_SCRIPTS = ["launch/local-cluster.sh", "launch/submit.sh", "cluster/slurm.sbatch"]
@@ -163,7 +163,7 @@ finally:
 
 
 def _two_task_manifest(digits_dir: Path, out: Path) -> Path:
-    """The first two tasks of the digits shards (as tests/test_stream.py does)."""
+    """The first two tasks of the digits shards (as tests/system/test_stream.py does)."""
     shutil.copytree(digits_dir, out)
     data = json.loads((out / "manifest.json").read_text())
     data["tasks"] = data["tasks"][:2]

@@ -38,7 +38,7 @@ from cldist.errors import ConfigError, DataError
 
 SEED = 1993
 WNIDS = [f"n0144353{i}" for i in range(6)]
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "scenario"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "scenario"
 
 
 # ------------------------------------------------------------------ fabrication

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import write_tar
+from tests.conftest import write_tar
 import torch
 from PIL import Image
 

@@ -25,7 +25,7 @@ from cldist.train.loop import NonFiniteLoss, fit
 
 TINY_STEP = {"model": "test_vit", "img_size": 16, "patch_size": 4, "rank": 2, "batch": 4,
              "steps": 2, "warmup": 1, "repeats": 2, "threads": 1, "budget_s": None}
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # ---------------------------------------------------------------- fit's loss check

@@ -16,7 +16,7 @@ from cldist.eval.routing import class_log_posterior, class_task_index
 from cldist.eval.scoring import Scorer, fit_router, routed_row_from_blocks, row_from_blocks
 from cldist.stream import run_stream
 
-from .conftest import first_tasks, tiny_overrides
+from tests.conftest import first_tasks, tiny_overrides
 
 N_TASKS = 4  # > 1 + top_k, so routing runs fewer sub-networks than the ensemble
 

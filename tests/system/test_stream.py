@@ -8,7 +8,7 @@ import pytest
 from cldist.config.compose import compose
 from cldist.stream import run_stream
 
-from .conftest import tiny_overrides
+from tests.conftest import tiny_overrides
 
 CLI_KEYS = {"acc", "aaa", "forgetting", "bwt", "accuracy_matrix", "n_tasks", "method",
             "params_per_task", "wall_seconds"}
@@ -88,7 +88,7 @@ def test_pearl_inline_two_tasks(tmp_path, digits_dir):
     assert ranks["0"] == {} and len(ranks["1"]) == depth  # one key projection per block
     # the reported ranks are those of the LoRA the task trained and saved, and each layer's
     # threshold is the configured rule applied to its recorded distance (the rule's own
-    # arithmetic, with a spectrum that forces each rank, is tests/test_rank_rule.py's)
+    # arithmetic, with a spectrum that forces each rank, is tests/unit/coordinator/test_ranks.py's)
     adapter = load_file(str(run_dir / "tasks" / "001" / "adapter.safetensors"))
     assert {n: adapter[f"{n}.lora_A"].shape[0] for n in ranks["1"]} == ranks["1"]
     meta = json.loads((run_dir / "tasks" / "001" / "meta.json").read_text())

@@ -8,7 +8,7 @@ import pytest
 
 from cldist.cli import main
 
-from .conftest import tiny_overrides
+from tests.conftest import tiny_overrides
 
 
 def _run(argv, capsys):

@@ -1,7 +1,7 @@
 """Reporting: summary tables, atomic JSON, TensorBoard tags, report.md/.html + plots, comparisons.
 
 Run directories are fabricated by hand (metrics.json, state.json, config.json as `cldist run`
-writes them), so these tests need no training. Progress view tests: tests/test_progress.py.
+writes them), so these tests need no training. Progress view tests: tests/unit/report/test_progress.py.
 """
 import base64
 import io

@@ -24,7 +24,7 @@ from cldist.coordinator.statistics import ClassStatistics, merge_all
 from cldist.rundir import RunDir
 from cldist.train.statistics import STATS_STEM, statistics_from_tensors
 
-from .conftest import first_tasks, tiny_overrides
+from tests.conftest import first_tasks, tiny_overrides
 
 N_TASKS = 3
 # what a run directory may hold (README "Run directory"); tasks/TTT is checked on its own

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SOURCE = Path(__file__).resolve().parents[1] / "cldist"
+SOURCE = Path(__file__).resolve().parents[2] / "cldist"
 FILES = sorted(SOURCE.rglob("*.py"))
 FORBIDDEN_MODULES = {"pickle", "cPickle", "dill", "joblib", "shelve", "marshal"}
 FORBIDDEN_CALLS = {"pickle.load", "pickle.loads", "numpy.load", "np.load", "torch.load"}
