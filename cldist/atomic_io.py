@@ -2,7 +2,9 @@
 
 Write a temporary file in the same directory, fsync it, rename it over the target (atomic on
 POSIX) and fsync the directory so that the rename itself survives a crash. Every file cldist
-persists (manifests, state.json, metrics.json) goes through here.
+persists (manifests, state.json, metrics.json) goes through here: the run directory
+(cldist.rundir), the data builder (cldist.data), reports and sweeps. It sits on the ground floor
+beside cldist.errors, so every package may import it.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import StorageError
+from .errors import StorageError
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 import numpy as np
 from PIL import Image
 
-from cldist.rundir.atomic import write_text_atomic
+from cldist.atomic_io import write_text_atomic
 from cldist.data.manifest import (
     CLASS_IL, DOMAIN_IL, MANIFEST_NAME, SCENARIOS, Manifest, ShardInfo, TaskSpec)
 from cldist.data.shards import (

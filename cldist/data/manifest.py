@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cldist.rundir.atomic import write_text_atomic
+from cldist.atomic_io import write_text_atomic
 from cldist.data.remote import check_location, read_url, url_scheme
 from cldist.errors import DataError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from ..rundir.atomic import write_json_atomic  # noqa: F401  (re-exported by cldist.report)
+from ..atomic_io import write_json_atomic  # noqa: F401  (re-exported by cldist.report)
 
 SUMMARY_COLUMNS = ["method", "n_tasks", "Acc", "AAA", "forgetting", "BWT", "params/task",
                    "wall time"]

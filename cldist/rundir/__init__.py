@@ -5,16 +5,17 @@ stream, the CLI, the report and the Ray runner all go through it.
     cldist/rundir/run.py       RunDir, the one entry point
     cldist/rundir/layout.py    file names and task paths (DESIGN.md, "Run directory")
     cldist/rundir/files.py     bounded JSON reads, the ownership marker, the flock
-    cldist/rundir/atomic.py    crash-safe writes (tmp + fsync + rename), used by cldist.data too
     cldist/rundir/state.py     state.json (RunState) and bringing a run back to a task boundary
     cldist/rundir/tasks.py     staging, committing and reading task files (torch; lazy)
     cldist/rundir/manifest.py  the pinned manifest and its checked `shard_root`
 
+Crash-safe writes (tmp + fsync + rename) are cldist/atomic_io.py's, re-exported here; the
+commits built from them (state.json, task directories) are this package's.
 `import cldist.rundir` pulls in neither torch nor the data readers.
 """
 from __future__ import annotations
 
-from .atomic import fsync_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..atomic_io import fsync_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .files import (DAMAGED, FORMAT_VERSION, LOCK_FILE, MAX_JSON_BYTES, MAX_JSON_DEPTH,
                     STATE_FILE, RunDirLocked, acquire_lock, foreign_entries, read_json,
                     release_lock, state_marker_problem)

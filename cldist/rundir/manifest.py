@@ -1,7 +1,7 @@
 """RUN/manifest.json: the scenario's manifest pinned into the run, and reading it back safely.
 
-The data layer (cldist.data) is imported inside the functions: it imports the atomic writers
-from this package, and `import cldist.rundir` stays light (no torch, no data readers).
+The data layer (cldist.data) is imported inside the functions: `import cldist.rundir` stays
+light (no torch, no data readers).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from .atomic import write_json_atomic
+from ..atomic_io import write_json_atomic
 from .files import read_json
 from .layout import CONFIG_FILE, MANIFEST_FILE
 

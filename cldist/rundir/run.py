@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from ..errors import UserError
 from . import files, layout
-from .atomic import write_json_atomic, write_text_atomic
+from ..atomic_io import write_json_atomic, write_text_atomic
 from .state import RunState, prepare_resume
 
 # what a metrics.json must hold to be reported (cldist.report)

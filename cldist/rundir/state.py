@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from .atomic import write_json_atomic
+from ..atomic_io import write_json_atomic
 from .files import DAMAGED, FORMAT_VERSION, STATE_FILE, read_json, state_marker_problem
 from .layout import REFERENCE_FILE, TASKS_DIR, task_dir
 

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import StorageError, UserError
-from .atomic import fsync_dir
+from ..atomic_io import fsync_dir
 from .files import read_json
 from .layout import REFERENCE_FILE, staging_dir, task_dir
 
