@@ -1,4 +1,4 @@
-"""Hostile and broken inputs, one table (issue 6).
+"""Hostile and broken inputs through the command line, one table of cases.
 
 Every case must end the same way: ONE message on stderr that names the culprit (the shard,
 the file, the key or the option), exit status 2, no traceback - and a run directory that is
@@ -466,7 +466,7 @@ def restore_shards(w: World):
     run_manifest.write_text(json.dumps(pinned, indent=2))
 
 
-# ------------------------------------------- setups: issue 22: shard locations and sizes
+# ------------------------------------------------- setups: shard locations and sizes
 def _pin_root(w: World, root: str, hosts: list[str] | None = None) -> Path:
     """The finished run, its manifest's shard_root replaced (and its allowed hosts set)."""
     run = w.copy_finished()
@@ -543,7 +543,7 @@ def _forged_shard(w: World, raw: bytes, n_samples: int = 1) -> Path:
 
 
 def shard_sparse_member(w: World):
-    # a GNU sparse .png of 8 MiB of holes in a 2.5 KB file (the issue's was 1 GiB in 10 KB)
+    # a GNU sparse .png of 8 MiB of holes in a 2.5 KB file (the same trick scales to 1 GiB in 10 KB)
     key = _members(w.data / w.manifest()["tasks"][1]["train"][0]["path"])[0][0].split(".")[0]
     header = bytearray(_tar_header(f"{key}.png", 0, tarfile.GNUTYPE_SPARSE))
     header[483:495] = tarfile.itn(8 << 20, 12, tarfile.GNU_FORMAT)  # the expanded size
@@ -592,7 +592,7 @@ def member_cap_from_config(w: World):
     return w.run("scenario.max_member_bytes=100")  # every digits PNG is larger
 
 
-# ------------------- setups: issue 22: run directory ownership, lock, damaged files
+# ------------------------- setups: run directory ownership, lock, damaged files
 def run_dir_foreign_config(w: World):
     w.run_dir.mkdir()
     (w.run_dir / "config.json").write_text('{"api_key": "x"}')  # someone's, not a run's
@@ -770,7 +770,7 @@ CASES = [
     Case("disk-full-on-commit", disk_full_on_commit, ("No space left on device",
                                                       "cldist resume"),
          after=RESUMES, repair=disk_has_space_again),
-    # issue 22: shard locations and sizes - never a shell, only allowed hosts, bounded members
+    # shard locations and sizes - never a shell, only allowed hosts, bounded members
     Case("run-manifest-pipe-root", run_manifest_pipe_root, ("shard_root", "never pipe:"),
          after=UNTOUCHED),
     Case("run-manifest-gs-root", _run_manifest_root("gs://bucket/ds"),
@@ -800,7 +800,7 @@ CASES = [
     Case("shard-directory-member", shard_directory_member, ("'extra', a directory",)),
     Case("member-cap-from-config", member_cap_from_config,
          ("100-byte limit", "scenario.max_member_bytes")),
-    # issue 22: run directory ownership, lock, damaged files - refused by name, never a trace
+    # run directory ownership, lock, damaged files - refused by name, never a trace
     Case("run-dir-foreign-config", run_dir_foreign_config, ("holds no cldist run",),
          after=UNTOUCHED),
     Case("run-dir-foreign-state", run_dir_foreign_state, ("holds no cldist run",),
@@ -927,7 +927,7 @@ def test_the_table_is_big_enough():
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
 
 
-# issue 22: run directory ownership, lock, damaged files - signals and older run directories
+# run directory ownership, lock, damaged files - signals and older run directories
 def test_sigterm_records_interrupted_and_the_run_resumes(data2, tmp_path, capsys):
     """SIGTERM once task 0 is committed: one message, exit 143, state.json says
     "interrupted" at a task boundary, the lock is gone, and `cldist resume` finishes."""

@@ -1,4 +1,4 @@
-"""Routed Class-IL for sub-network methods (issue 18): both rules from the blocks, the true
+"""Routed Class-IL for sub-network methods: both rules from the blocks, the true
 routed execution, metrics.json keys, the Ray evaluator path and `cldist eval` of old runs."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Where shards may be read from, and how big their members may be (issue 22).
+"""Where shards may be read from, and how big their members may be.
 
 `check_location` is the one gate for manifests, shard roots and shard URLs: local paths,
 file: URLs, http(s) from `scenario.allowed_hosts` and listed object-store buckets; never a
@@ -119,7 +119,7 @@ def _sparse_tar(expanded: int) -> bytes:
 
 
 def _xz_bomb() -> bytes:
-    """An xz tar whose 'a.cls' is 8 MiB of zeros (the issue's was 1 GiB in 165 KB): 1.6 KB.
+    """An xz tar whose 'a.cls' is 8 MiB of zeros (the same trick scales to 1 GiB in 165 KB): 1.6 KB.
     Refused by its first bytes, whatever it expands to."""
     return lzma.compress(_header("a.cls", 8 << 20) + bytes(8 << 20) + b"\0" * 1024, preset=0)
 
