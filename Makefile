@@ -1,4 +1,5 @@
-# cldist: `make run` trains the default stream, `make test` runs the test suite.
+# cldist: `make run` trains the default stream, `make test` runs the whole test suite (what CI
+# runs), `make test-fast` the unit tests not marked slow (the edit-test loop, < 5 min on 2 cores).
 # Both create .venv when missing and install the tested pins from constraints.txt.
 PYTHON ?= python3
 VENV   := .venv
@@ -6,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cldist-installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test install data-deps clean-runs
+.PHONY: run test test-fast install data-deps clean-runs
 
 install: $(STAMP)
 
@@ -33,6 +34,9 @@ run: $(STAMP) data-deps
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit -m "not slow" $(PYTEST_ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -22,7 +22,7 @@ ROUTED_COMBINE = ("posterior_head", "lda_head", "top1")
 MAX_PROJECTION_DIM = 8192
 
 
-# the optimisers the trainer builds (cldist.train.engine.OPTIMIZERS; tests/test_methods.py
+# the optimisers the trainer builds (cldist.train.engine.OPTIMIZERS; tests/unit/methods/test_methods.py
 # holds the two lists equal): SGD has momentum 0.9, SD-LoRA's official code
 OPTIMIZERS = ("adamw", "sgd")
 HEAD_INITS = ("default", "zero")
