@@ -257,7 +257,7 @@ def cmd_eval(run_dir: str, class_il: str | None = None, top_k: int | None = None
     from .eval.stream_evaluator import stream_evaluator, task_il_metrics
     from .rundir import RunDir
     from .runners.inline import InlineRunner
-    from .train.task import make_method
+    from .assemble import make_method
     run = RunDir(run_dir)
     path, data = run.config_path, run.read_config()
     cfg = config_from_dict(data, origin=str(path))

@@ -17,6 +17,7 @@ from pathlib import Path
 from .config.compose import to_yaml
 from .config.schema import RunConfig
 from .data.manifest import Manifest
+from .assemble import make_method
 from .errors import Interrupted, UserError
 from .rundir import RunDir
 from .eval.metrics import accuracy_after, summarize
@@ -25,7 +26,7 @@ from .report.progress import Progress
 from .report.summary import format_summary_table
 from .report.tensorboard import TensorBoardLogger
 from .runners import make_runner
-from .train.task import TaskJob, make_method
+from .train.task import TaskJob
 
 def default_run_dir(cfg: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -91,7 +92,7 @@ def preflight(cfg: RunConfig, manifest: Manifest) -> None:
     try:
         from .models.backbone import build_backbone
         from .models.inject import split_fused_qkv
-        from .train.task import backbone_spec
+        from .assemble import backbone_spec
         backbone = build_backbone(backbone_spec(cfg))
         if cfg.backbone.family == "vit":
             split_fused_qkv(backbone)

@@ -13,16 +13,25 @@ al.'s correction for a class that both have seen:
 
 which is exact, associative and commutative: tasks finish and merge in any order, on any node,
 and a data-parallel job's ranks reduce plain sums (`from_moments`). Nothing per sample is kept.
+
+Also here, shared by the task jobs (cldist.train.statistics), the methods that are made of
+statistics (slda) and the evaluator (cldist.eval): the features statistics are taken on
+(`router_features`: as they are, or ReLU(x W) with the run's fixed random projection W,
+`router_projection`), the pass that gathers them over batches (`statistics_pass`), and the
+file form of a task's statistics groups (tasks/TTT/stats.safetensors: `statistics_tensors`,
+`statistics_from_tensors`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 # the tensor names of a statistics group in a task's stats.safetensors
 FIELDS = ("classes", "counts", "sums", "scatter")
+STATS_STEM = "stats"  # tasks/TTT/stats.safetensors
+GROUPS = ("ref", "own")
 
 
 @dataclass
@@ -134,3 +143,60 @@ def merge_all(parts: Iterable[ClassStatistics]) -> ClassStatistics:
     if merged is None:
         raise ValueError("no statistics to merge")
     return merged
+
+
+def random_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
+    """RanPAC's fixed projection (in_dim, out_dim), drawn from N(0, 1) on the CPU generator:
+    every node and every later evaluation draws the same matrix from the run's seed."""
+    g = torch.Generator().manual_seed(int(seed) * 7_777_777 + 17)
+    return torch.randn(in_dim, out_dim, generator=g, dtype=torch.float32)
+
+
+def router_features(features: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
+    """The features statistics are taken on: as they are, or ReLU(x W) with the projection."""
+    x = features.detach().float().reshape(features.shape[0], -1)
+    if projection is None:
+        return x
+    return torch.relu(x @ projection.to(x.device))
+
+
+def router_projection(projection_dim: int, feature_dim: int, seed: int) -> torch.Tensor | None:
+    """The run's fixed random projection (`router.projection_dim` > 0), else None."""
+    return random_projection(feature_dim, projection_dim, seed) if projection_dim > 0 else None
+
+
+@torch.no_grad()
+def statistics_pass(features_of: Callable[[torch.Tensor], torch.Tensor],
+                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], classes: list[int],
+                    dim: int, device: torch.device, projection: torch.Tensor | None = None,
+                    reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    world_size: int = 1) -> ClassStatistics:
+    """Statistics of `features_of(images)` over `batches`, reduced over the data-parallel ranks
+    (`reduce_mean` averages a tensor over them; the sums are that mean times `world_size`).
+    `dim`: the dimension of the features statistics are taken on (after any projection)."""
+    total: ClassStatistics | None = None
+    for images, labels in batches:
+        feats = router_features(features_of(images.to(device)).cpu(), projection)
+        part = ClassStatistics.from_features(feats, labels, classes)
+        total = part if total is None else total.merge(part)
+    if total is None:  # this rank's share was empty: it still takes part in the reduction
+        total = ClassStatistics.empty(classes, dim)
+    if reduce_mean is None or world_size == 1:
+        return total
+    moments = {k: reduce_mean(v) * world_size for k, v in total.moments().items()}
+    return ClassStatistics.from_moments(total.classes, **moments)
+
+
+def statistics_tensors(stats: dict[str, ClassStatistics]) -> dict[str, torch.Tensor]:
+    """The tensors of tasks/TTT/stats.safetensors: `ref.counts`, `own.scatter`, ..."""
+    out: dict[str, torch.Tensor] = {}
+    for group, s in stats.items():
+        out.update(s.to_tensors(f"{group}."))
+    return out
+
+
+def statistics_from_tensors(tensors: dict[str, torch.Tensor],
+                            origin: str) -> dict[str, ClassStatistics]:
+    """The groups a task's stats.safetensors holds (ValueError naming `origin` if damaged)."""
+    return {g: ClassStatistics.from_tensors(tensors, f"{g}.", origin) for g in GROUPS
+            if f"{g}.counts" in tensors}

@@ -1,16 +1,11 @@
-"""Class-IL from class statistics: the `slda` classifier and the task router.
+"""Class-IL from class statistics: the task router.
 
-LinearDiscriminant is Gaussian classes with one shared, shrunk covariance on the reference
-network's features (SLDA; SimpleCIL/APER, RanPAC and FeCAM keep the same statistics):
-
-    Sigma   = scatter / max(N - C, 1)                       pooled within-class covariance
-    Sigma_s = Sigma + s * mean(diag Sigma) * I               shrinkage s (`router.shrinkage`)
-    g_c(x)  = mu_c^T Sigma_s^{-1} x - 1/2 mu_c^T Sigma_s^{-1} mu_c     (equal class priors)
-    log P(c | x) = log_softmax_c g(x)
-
-The router sums that posterior over each task's classes, log P(t | x) = logsumexp_{c in t}
-log P(c | x), and only the top-k tasks' sub-networks run on x. The routed decision combines it
-with what those sub-networks say, over the routed tasks' classes only (`eval.combine`):
+The slda classifier, log P(c | x) = log_softmax_c g(x), is cldist.coordinator.discriminant's
+LinearDiscriminant (Gaussian classes with one shared, shrunk covariance on the reference
+network's features; the maths are there). The router sums that posterior over each task's
+classes, log P(t | x) = logsumexp_{c in t} log P(c | x), and only the top-k tasks'
+sub-networks run on x. The routed decision combines it with what those sub-networks say, over
+the routed tasks' classes only (`eval.combine`):
 
     posterior_head  argmax_c  log P(t(c) | x) + log softmax_{t(c)}(head_{t(c)}(x))_c
     lda_head        argmax_c  log P(c | x)    + log softmax_{t(c)}(head_{t(c)}(x))_c
@@ -20,68 +15,11 @@ With k = T, posterior_head is the posterior-weighted ensemble P(c|x) = P(t|x) P(
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from ..coordinator.statistics import ClassStatistics
-
-NEG_INF = float("-inf")
-
-
-def random_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
-    """RanPAC's fixed projection (in_dim, out_dim), drawn from N(0, 1) on the CPU generator:
-    every node and every later evaluation draws the same matrix from the run's seed."""
-    g = torch.Generator().manual_seed(int(seed) * 7_777_777 + 17)
-    return torch.randn(in_dim, out_dim, generator=g, dtype=torch.float32)
-
-
-def router_features(features: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
-    """The features statistics are taken on: as they are, or ReLU(x W) with the projection."""
-    x = features.detach().float().reshape(features.shape[0], -1)
-    if projection is None:
-        return x
-    return torch.relu(x @ projection.to(x.device))
-
-
-@dataclass
-class LinearDiscriminant:
-    """Scores g(x) = x W + b over `classes` (see the module docstring for the maths)."""
-
-    classes: torch.Tensor  # int64 (C,) stream labels
-    weight: torch.Tensor   # float64 (d, C)
-    bias: torch.Tensor     # float64 (C,)
-
-    @staticmethod
-    def fit(stats: ClassStatistics, shrinkage: float) -> "LinearDiscriminant":
-        present = stats.counts > 0
-        n_classes = int(present.sum())
-        if n_classes == 0:
-            raise ValueError("no class has samples: nothing to classify")
-        sigma = stats.scatter / max(stats.n - n_classes, 1.0)
-        mean_var = float(torch.diagonal(sigma).mean())
-        # a singular scatter (more dimensions than samples, one sample a class) is made
-        # invertible by the ridge; with no variance at all, a unit ridge keeps g finite
-        ridge = shrinkage * mean_var if mean_var > 0 else 1.0
-        sigma_s = sigma + ridge * torch.eye(stats.dim, dtype=torch.float64)
-        means = stats.means
-        chol, info = torch.linalg.cholesky_ex(sigma_s)
-        if int(info) == 0:
-            solved = torch.cholesky_solve(means.T, chol)  # Sigma_s^{-1} mu, (d, C)
-        else:  # shrinkage 0 on a singular scatter: the pseudo-inverse's minimum-norm solution
-            solved = torch.linalg.pinv(sigma_s, hermitian=True) @ means.T
-        bias = -0.5 * (means * solved.T).sum(1)
-        bias[~present] = NEG_INF  # a class never seen cannot be predicted
-        return LinearDiscriminant(stats.classes.clone(), solved, bias)
-
-    def scores(self, features: torch.Tensor) -> torch.Tensor:
-        """g(x) for every class, float64 (N, C)."""
-        return features.to(torch.float64) @ self.weight + self.bias
-
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
-        """Stream labels of the argmax class."""
-        return self.classes[self.scores(features).argmax(dim=1)]
+from ..coordinator.discriminant import NEG_INF, LinearDiscriminant
 
 
 def class_log_posterior(lda: LinearDiscriminant, features: torch.Tensor) -> torch.Tensor:

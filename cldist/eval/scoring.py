@@ -42,17 +42,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from ..assemble import build_model, make_method, transforms
 from ..config.schema import RunConfig
-from ..coordinator.statistics import ClassStatistics, merge_all
+from ..coordinator.discriminant import LinearDiscriminant
+from ..coordinator.statistics import (STATS_STEM, ClassStatistics, merge_all, router_features,
+                                      router_projection, statistics_from_tensors,
+                                      statistics_pass)
 from ..data import TaskReader
 from ..errors import UserError
 from ..models.continual import ContinualClassifier
 from ..rundir import RunDir
-from ..train.statistics import (STATS_STEM, router_projection, statistics_from_tensors,
-                                statistics_pass)
-from ..train.task import build_model, make_method, transforms
-from .routing import (LinearDiscriminant, class_log_posterior, class_task_index,
-                      routed_decision, router_features, task_log_posterior, top_tasks)
+from .routing import (class_log_posterior, class_task_index, routed_decision,
+                      task_log_posterior, top_tasks)
 
 
 # test set j -> (Class-IL accuracy %, Task-IL accuracy %) of a single model

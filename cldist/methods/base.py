@@ -14,7 +14,7 @@ keys itself: a `FitRequest` leaves epochs, lr, optimizer and weight_decay to the
 phase with its own learning rate names its options key (`lr_key="stage1_lr"`).
 
 Lifecycle for task t (either runner):
-    method = Method.from_run(cfg)                       # cldist.train.task.make_method
+    method = Method.from_run(cfg)                       # cldist.assemble.make_method
     model = method.build(backbone, feature_dim, classes_per_task)
     for s < t that t depends on: method.load_task_state(model, s, saved tensors of s)
     meta = method.learn_task(model, ctx)                # phases via ctx.fit(...)

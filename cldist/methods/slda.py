@@ -14,7 +14,7 @@ the same statistics), over all classes seen so far:
     g_c(x)  = mu_c^T Sigma_s^{-1} x - 1/2 mu_c^T Sigma_s^{-1} mu_c     (equal class priors)
     prediction = argmax_c g_c(x)
 
-(cldist.eval.routing.LinearDiscriminant). The merge is exact and order-free, so tasks are
+(cldist.coordinator.discriminant.LinearDiscriminant). The merge is exact and order-free, so tasks are
 independent (task t needs nothing of earlier tasks to collect its statistics) and the model
 after task t depends only on which tasks are merged, never on the order they finished in.
 No image or per-sample feature is kept: statistics only.
@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from ..config.schema import MethodOptions, RunConfig, resolve_targets
-from ..coordinator.statistics import ClassStatistics, merge_all
-from ..eval.routing import LinearDiscriminant, router_features
+from ..coordinator.discriminant import LinearDiscriminant
+from ..coordinator.statistics import (STATS_STEM, ClassStatistics, merge_all, router_features,
+                                      router_projection, statistics_from_tensors)
 from ..models.continual import ContinualClassifier
-from ..train.statistics import STATS_STEM, router_projection, statistics_from_tensors
 from .base import ContinualMethod, TaskContext, register_method
 from .common import freeze_batchnorm_stats
 

@@ -1,6 +1,6 @@
 """Train one task of a stream: the pure function both runners call.
 
-`train_task(job, ...)` builds the backbone and the method's model, loads what the task depends
+`train_task(job, ...)` builds the backbone and the method's model (cldist.assemble), loads what the task depends
 on (reference weights, earlier tasks' state), runs the method's phases through
 `cldist.train.loop.fit`, and - on rank 0 - writes the task's tensors and meta into a staging
 directory. Committing that directory into the run directory is the coordinator's job.
@@ -21,20 +21,17 @@ from typing import Callable
 
 import torch
 
+from ..assemble import build_model, make_method, transforms
 from ..config.schema import MethodOptions, RunConfig
-from ..errors import ConfigError
 from ..coordinator.run_coordinator import allocate_ranks_locally
-from ..data import TaskReader, make_transform
+from ..coordinator.statistics import STATS_STEM, router_projection, statistics_tensors
+from ..data import TaskReader
 from ..data.manifest import Manifest
-from ..methods.base import ContinualMethod, FitRequest, TaskContext, get_method_class
-from ..models.backbone import BackboneSpec, build_backbone, default_normalization
-from ..models.continual import ContinualClassifier
-from ..models.inject import split_fused_qkv
+from ..methods.base import ContinualMethod, FitRequest, TaskContext
 from ..rundir import RunDir
 from . import loop
 from .engine import TorchStepEngine
-from .statistics import (STATS_STEM, collect_task_statistics, router_projection,
-                         statistics_tensors)
+from .statistics import collect_task_statistics
 
 
 @dataclass
@@ -48,50 +45,6 @@ class TaskJob:
     @property
     def cfg(self) -> RunConfig:
         return RunConfig.from_dict(self.config)
-
-
-def make_method(cfg: RunConfig) -> ContinualMethod:
-    return get_method_class(cfg.method.name).from_run(cfg)
-
-
-def backbone_spec(cfg: RunConfig) -> BackboneSpec:
-    b = cfg.backbone
-    return BackboneSpec(name=b.name, pretrained=b.pretrained, checkpoint=b.checkpoint,
-                        img_size=b.img_size, patch_size=b.patch_size)
-
-
-def build_model(cfg: RunConfig, method: ContinualMethod, manifest: Manifest,
-                run_dir: str | Path) -> ContinualClassifier:
-    """The method's model on the configured backbone, with the run's reference weights."""
-    torch.manual_seed(cfg.seed)  # backbone init (random-init backbones) is part of the seed
-    backbone = build_backbone(backbone_spec(cfg))
-    if cfg.backbone.family == "vit":
-        split_fused_qkv(backbone)
-    classes = [len(t.classes) for t in manifest.tasks]
-    model = method.build(backbone, int(backbone.num_features), classes)
-    model.head_init = cfg.method.head_init
-    RunDir(run_dir).load_reference_into(method, model)
-    return model
-
-
-def transforms(cfg: RunConfig, manifest: Manifest):
-    """(train, test) image transforms: resize, optional augmentation (`scenario.train_crop`),
-    evaluation resize + centre crop (`scenario.test_resize`), normalisation."""
-    sc = cfg.scenario
-    if sc.normalize == "backbone":
-        mean, std = default_normalization(backbone_spec(cfg))
-    else:
-        mean = std = None
-    size = sc.image_size
-    try:
-        train = make_transform(size, 3, mean, std, train=True, augment=sc.augment,
-                               crop=sc.train_crop, resize=sc.test_resize)
-        test = make_transform(size, 3, mean, std, train=False, augment=False,
-                              crop=sc.train_crop, resize=sc.test_resize)
-    except ValueError as e:  # a bad train_crop / test_resize: name the keys
-        raise ConfigError([f"scenario.train_crop={sc.train_crop} / scenario.test_resize="
-                           f"{sc.test_resize}: {e}"]) from None
-    return train, test
 
 
 def task_seeds(seed: int, task_id: int) -> dict[str, int]:

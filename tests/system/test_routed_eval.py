@@ -142,7 +142,7 @@ def test_eval_without_saved_statistics_rescores_the_same(inline_run, capsys):
     from safetensors.torch import save_file
 
     from cldist.cli import main
-    from cldist.train.statistics import statistics_tensors
+    from cldist.coordinator.statistics import statistics_tensors
     metrics, run_dir = inline_run
     old = run_dir.parent / "old-run"
     shutil.copytree(run_dir, old)

@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cldist.coordinator.statistics import ClassStatistics, merge_all
+from cldist.coordinator.statistics import (STATS_STEM, ClassStatistics, merge_all,
+                                           statistics_from_tensors)
 from cldist.rundir import RunDir
-from cldist.train.statistics import STATS_STEM, statistics_from_tensors
 
 from tests.conftest import first_tasks, tiny_overrides
 
@@ -98,7 +98,7 @@ def test_b_saved_statistics_are_the_training_images_statistics(three_tasks, prob
     through the reference network, with the test-time transform."""
     from cldist.config.compose import compose
     from cldist.data import TaskReader
-    from cldist.train.task import build_model, make_method, transforms
+    from cldist.assemble import build_model, make_method, transforms
     _, run_dir = probe_inline
     cfg = compose(tiny_overrides(three_tasks, run_dir, "method=linear_probe"))
     manifest = RunDir(run_dir).read_manifest()

@@ -56,7 +56,7 @@ def test_default_transform_unchanged_by_new_options():
 
 def test_scenario_keys_reach_the_transforms(imagenet_r):
     from cldist.config.schema import RunConfig
-    from cldist.train.task import transforms
+    from cldist.assemble import transforms
 
     cfg = RunConfig()
     cfg.scenario.image_size, cfg.scenario.normalize = 224, "none"

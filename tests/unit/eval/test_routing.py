@@ -6,10 +6,10 @@ import itertools
 import pytest
 import torch
 
-from cldist.coordinator.statistics import ClassStatistics, merge_all
-from cldist.eval.routing import (LinearDiscriminant, class_task_index,
-                                 random_projection, routed_decision, router_features,
-                                 task_log_posterior, top_tasks)
+from cldist.coordinator.statistics import (ClassStatistics, merge_all, random_projection,
+                                           router_features)
+from cldist.coordinator.discriminant import LinearDiscriminant
+from cldist.eval.routing import class_task_index, routed_decision, task_log_posterior, top_tasks
 
 
 def _pooled(x: torch.Tensor, y: torch.Tensor, classes) -> tuple:

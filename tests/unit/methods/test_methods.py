@@ -34,10 +34,10 @@ from cldist.models.inject import split_fused_qkv
 from cldist.models.lora import LoRAConv2d
 from cldist.train import loop
 from cldist.train.engine import TorchStepEngine
-from cldist.coordinator.statistics import ClassStatistics
-from cldist.eval.routing import LinearDiscriminant, router_features
-from cldist.train.statistics import (STATS_STEM, collect_task_statistics, router_projection,
-                                     statistics_tensors)
+from cldist.coordinator.statistics import (STATS_STEM, ClassStatistics, router_features,
+                                           router_projection, statistics_tensors)
+from cldist.coordinator.discriminant import LinearDiscriminant
+from cldist.train.statistics import collect_task_statistics
 from cldist.train.task import with_run_defaults
 from cldist.coordinator.run_coordinator import allocate_ranks_locally
 
