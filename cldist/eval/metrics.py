@@ -22,28 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-AccuracyMatrix = Sequence[Sequence[float]]
-
-
-def validate_matrix(R: AccuracyMatrix) -> list[list[float]]:
-    """Check that ``R`` is a non-empty lower-triangular list of rows; return it as floats.
-
-    Raises ValueError naming the first malformed row.
-    """
-    if R is None or len(R) == 0:
-        raise ValueError("accuracy matrix is empty: expected at least one row (one task)")
-    rows: list[list[float]] = []
-    for t, row in enumerate(R):
-        if len(row) != t + 1:
-            raise ValueError(
-                f"accuracy matrix row {t} has {len(row)} entries; a lower-triangular matrix "
-                f"needs row t to have t+1 entries (accuracy on tasks 0..t after task t)"
-            )
-        values = [float(x) for x in row]
-        if not all(np.isfinite(values)):
-            raise ValueError(f"accuracy matrix row {t} contains a non-finite value: {list(row)}")
-        rows.append(values)
-    return rows
+from ..rundir.state import AccuracyMatrix, validate_matrix  # noqa: F401  (the run format's check)
 
 
 def _weights(n_entries: int, n_test: Sequence[int] | None) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from ..errors import UserError
 from . import files, layout
 from ..atomic_io import write_json_atomic, write_text_atomic
-from .state import RunState, prepare_resume
+from .state import RunState, prepare_resume, validate_matrix
 
 # what a metrics.json must hold to be reported (cldist.report)
 METRICS_REQUIRED_KEYS = ("acc", "aaa", "forgetting", "bwt", "accuracy_matrix", "n_tasks",
@@ -227,7 +227,6 @@ class RunDir:
     def read_metrics(self, required: Sequence[str] = METRICS_REQUIRED_KEYS) -> dict:
         """RUN/metrics.json, checked: a missing file or key, or a malformed accuracy matrix,
         is a UserError naming the file."""
-        from ..eval.metrics import validate_matrix
         path = self.metrics_path
         if not path.is_file():
             raise UserError(

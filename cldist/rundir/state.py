@@ -6,13 +6,39 @@ resume removes what it does not list and retrains what it lists but whose files 
 """
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import UserError
 from ..atomic_io import write_json_atomic
 from .files import DAMAGED, FORMAT_VERSION, STATE_FILE, read_json, state_marker_problem
 from .layout import REFERENCE_FILE, TASKS_DIR, task_dir
+
+# R[t][j]: accuracy (percent) on task j's test data after task t, j <= t (cldist.eval.metrics)
+AccuracyMatrix = Sequence[Sequence[float]]
+
+
+def validate_matrix(R: AccuracyMatrix) -> list[list[float]]:
+    """Check that ``R`` is a non-empty lower-triangular list of rows; return it as floats.
+
+    Raises ValueError naming the first malformed row.
+    """
+    if R is None or len(R) == 0:
+        raise ValueError("accuracy matrix is empty: expected at least one row (one task)")
+    rows: list[list[float]] = []
+    for t, row in enumerate(R):
+        if len(row) != t + 1:
+            raise ValueError(
+                f"accuracy matrix row {t} has {len(row)} entries; a lower-triangular matrix "
+                f"needs row t to have t+1 entries (accuracy on tasks 0..t after task t)"
+            )
+        values = [float(x) for x in row]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"accuracy matrix row {t} contains a non-finite value: {list(row)}")
+        rows.append(values)
+    return rows
 
 
 def _state_problem(data) -> str | None:
