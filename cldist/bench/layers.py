@@ -9,9 +9,12 @@ of rank 8: n - 1 frozen, the newest trainable. Timed, forward + backward (+ Adam
 - `layer conv`: one LoRAConv2d 64 -> 64, 3 x 3, on 8 x 64 x 16 x 16;
 - `test_vit step`: timm's test ViT at 16 px (`backbone=test_vit`), LoRA on every block's q, k,
   v, batch 32, one head: forward, cross-entropy, backward, AdamW step;
-- `test_vit step, coefficients`: the same with a coefficient on every frozen branch that
-  multiplies it by a trainable scalar per branch (SD-LoRA's magnitudes): the branches batch,
-  but each forward still evaluates the n coefficient callables (scalar kernels, O(n)).
+- `test_vit step, coefficients`: the same with every frozen branch multiplied by its own
+  trainable scalar (SD-LoRA's magnitudes, one nn.Parameter per task), handed to each layer as
+  ONE vector (`set_coefficients`: the n - 1 scalars concatenated once per forward and shared by
+  the layers, as SD-LoRA's `boundary: continuous`): after, one gather and one multiply per layer;
+  before, the per-branch loop (the vector evaluated once per forward, one index and one scalar
+  multiply per branch).
 
 "before" is the per-branch loop (`BATCH_BRANCHES = False`), "after" the batched layers; each
 repeat times both back to back on the same model (so drift on a shared machine hits both
@@ -40,12 +43,14 @@ QKV = ("blocks.*.attn.qkv.q", "blocks.*.attn.qkv.k", "blocks.*.attn.qkv.v")
 def add_branches(layers, n: int, coefficients: list | None = None) -> list[nn.Parameter]:
     """n rank-RANK branches on every layer (random A and B, so each one matters), all frozen but
     the newest; with `coefficients` (a list to fill), every frozen branch of every layer is
-    multiplied by its task's trainable scalar. Returns the trainable tensors."""
+    multiplied by its task's trainable scalar, all of a layer's through one vector callable
+    (`set_coefficients`). Returns the trainable tensors."""
     g = torch.Generator().manual_seed(0)
     names = [f"t{i:03d}" for i in range(n)]
     trainable = []
     if coefficients is not None:
         coefficients += [nn.Parameter(torch.ones(1)) for _ in names[:-1]]
+    vector = _coefficients(coefficients) if coefficients else None  # one for every layer
     for layer in layers:
         for i, name in enumerate(names):
             layer.add_adapter(name, RANK, generator=g)
@@ -56,15 +61,20 @@ def add_branches(layers, n: int, coefficients: list | None = None) -> list[nn.Pa
                 p.requires_grad_(newest)
             if newest:
                 trainable += [layer.lora_A[name], layer.lora_B[name]]
-            elif coefficients is not None:
-                layer.set_coefficient(name, _coefficient(coefficients[i]))
+        if vector is not None:
+            layer.set_coefficients(names[:-1], vector)
         layer.active = tuple(names)
     return trainable + list(coefficients or [])
 
 
-def _coefficient(alpha: nn.Parameter) -> Callable[[], torch.Tensor]:
-    """c_i = alpha_i: SD-LoRA's coefficient of a frozen direction with boundary `continuous`."""
-    return lambda: alpha * 1.0
+def _coefficients(alphas: list[nn.Parameter]) -> Callable[[], torch.Tensor]:
+    """c = [alpha_i]: SD-LoRA's coefficients of the frozen directions with boundary
+    `continuous`: the per-task scalars concatenated once per forward (SD-LoRA's
+    MagnitudeVector, shared by every layer)."""
+    from ..methods.sdlora import MagnitudeVector
+    shared, keys = MagnitudeVector(), tuple(range(len(alphas)))
+    params = dict(enumerate(alphas))
+    return lambda: shared.vector(keys, params)
 
 
 def layer_case(kind: str, n: int) -> Callable[[], None]:

@@ -144,20 +144,107 @@ class SDLoRAKDOptions(SDLoRAOptions):
 PAPER_B_SCALE = 0.01
 
 
-class _Coefficient:
-    """c_{l,i}: alpha_i (current task) or (alpha_i + o_{l,i}) / n_{l,i} (a frozen direction)."""
+class _LayerCoefficients:
+    """Every direction's coefficient in one layer as ONE vector (`layer.set_coefficients`), in
+    the order of `keys`: c_{l,i} = alpha_i for the current task (alpha_t / n_{l,t} with
+    `boundary: paper`, trained through the norm) and (alpha_i + o_{l,i}) / n_{l,i} for a frozen
+    direction. Per forward: one concatenation of the magnitudes, one add of the layer's offsets
+    (when it has any), one division by its norms (when normalised) - whatever the number of
+    tasks. The frozen norms and the offsets are cached as vectors, rebuilt when a direction's
+    tensors (identity, in-place version), an offset or the current task change."""
 
-    def __init__(self, method: "SDLoRA", model: ContinualClassifier, layer, key: str):
-        self.method, self.model, self.layer, self.key = method, model, layer, key
+    def __init__(self, method: "SDLoRA", model: ContinualClassifier, layer, keys: Sequence[str]):
+        self.method, self.model, self.layer, self.keys = method, model, layer, tuple(keys)
+        self._offsets: tuple | None = None
+        self._norms: tuple | None = None
 
-    def __call__(self):
-        alpha = self.model.sd_magnitudes[self.key]
-        if self.key == self.model.sd_current:
-            if self.method.normalise_current:  # boundary: paper, trained through the norm
-                return alpha / self.method.branch_norm(self.layer, self.key)
-            return alpha
-        offset = self.layer.sd_offsets.get(self.key, 0.0)
-        return (alpha + offset) / self.method.direction_norm(self.layer, self.key)
+    def __call__(self) -> torch.Tensor:
+        keys, current = self.keys, self.model.sd_current
+        alpha = self.model.sd_alpha.vector(keys, self.model.sd_magnitudes._parameters)
+        ref = alpha
+        values = alpha
+        offsets = self.layer.sd_offsets
+        if offsets:
+            off = tuple(0.0 if k == current else float(offsets.get(k, 0.0)) for k in keys)
+            cached = self._offsets
+            if cached is None or cached[0] != (off, ref.dtype, ref.device):
+                with _building():
+                    t = torch.tensor(off, dtype=ref.dtype, device=ref.device)
+                cached = self._offsets = ((off, ref.dtype, ref.device), t)
+            values = values + cached[1]
+        if self.method.normalise:
+            values = values / self._norm_vector(keys, current, ref)
+        return values
+
+    def _norm_vector(self, keys: tuple, current: str | None, ref: torch.Tensor) -> torch.Tensor:
+        """n_{l,i} per key: `branch_norm` of every frozen direction (cached); the current
+        task's entry is 1 (`normalise`) or its norm (`paper`), live with the gradient while its
+        A or B trains."""
+        method, layer = self.method, self.layer
+        pa, pb = layer.lora_A._parameters, layer.lora_B._parameters
+        live = None
+        if current in keys and method.normalise_current and (
+                pa[current].requires_grad or pb[current].requires_grad):
+            live = current
+        key = (current, live, method.official, method.normalise_current, ref.dtype, ref.device,
+               tuple((k, id(pa[k]), pa[k]._version, id(pb[k]), pb[k]._version) for k in keys))
+        cached = self._norms
+        if cached is None or cached[0] != key:
+            with _building():
+                norms = []
+                for k in keys:
+                    if k == current and (live is not None or not method.normalise_current):
+                        norms.append(torch.ones((), dtype=ref.dtype, device=ref.device))
+                    else:
+                        norms.append(method.branch_norm(layer, k).to(ref.dtype).reshape(()))
+                norms = torch.stack(norms)
+                mask = torch.tensor([k == live for k in keys], device=ref.device)
+            # the key's ids stay valid: the cache keeps the tensors alive
+            refs = [t for k in keys for t in (pa[k], pb[k])]
+            cached = self._norms = (key, refs, norms, mask)
+        norms, mask = cached[2], cached[3]
+        if live is not None:
+            norms = torch.where(mask, method.branch_norm(layer, live).to(ref.dtype), norms)
+        return norms
+
+
+class MagnitudeVector:
+    """[alpha_k for k in keys] as one tensor, shared by every layer of a forward: the first
+    layer concatenates the magnitudes, the others reuse it while no magnitude has changed
+    (identity, in-place version - an optimiser step bumps it - requires_grad) and the grad mode
+    is the same. The backward then sums the layers' gradients in one vector and splits it once
+    into the per-task scalars, instead of once per layer. (The concatenation saves no tensor
+    for its backward, so a graph reused by a second forward backpropagates again.) Copies and
+    pickles start empty."""
+
+    def __init__(self):
+        self.entry: tuple | None = None
+
+    def vector(self, keys: tuple, params: dict) -> torch.Tensor:
+        ps = [params[k] for k in keys]
+        key = (keys, tuple((id(p), p._version, p.requires_grad) for p in ps),
+               ps[0].dtype, ps[0].device, torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled())
+        entry = self.entry
+        if entry is None or entry[0] != key:
+            entry = self.entry = (key, ps, torch.cat(ps))  # ps: the key's ids stay valid
+        return entry[2]
+
+    def __getstate__(self):
+        return {"entry": None}
+
+    def __deepcopy__(self, memo):
+        return MagnitudeVector()
+
+
+def _building():
+    """Where the cached vectors are built: outside autograd, as ordinary tensors (a cache first
+    built under inference_mode must still serve a training forward)."""
+    import contextlib
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
 
 
 @register_method
@@ -191,6 +278,7 @@ class SDLoRA(ContinualMethod):
         model = adapter_model(backbone, feature_dim, self.target_patterns, self.options.blocks)
         model.sd_magnitudes = nn.ParameterDict()
         model.sd_current = None  # the task whose B A is used unnormalised
+        model.sd_alpha = MagnitudeVector()  # the magnitudes as one tensor, once per forward
         for layer in model.lora_layers().values():
             layer.sd_offsets = {}
         freeze(model)
@@ -240,10 +328,12 @@ class SDLoRA(ContinualMethod):
     def _wire(self, model: ContinualClassifier, current: str | None) -> list[str]:
         """Attach the coefficients; returns the task keys that own a direction, in order."""
         model.sd_current = current
+        if not isinstance(getattr(model, "sd_alpha", None), MagnitudeVector):
+            model.sd_alpha = MagnitudeVector()
         keys = sorted(model.sd_magnitudes.keys())
         for layer in model.lora_layers().values():
-            for key in layer.adapters():
-                layer.set_coefficient(key, _Coefficient(self, model, layer, key))
+            names = layer.adapters()  # one coefficient vector per layer
+            layer.set_coefficients(names, _LayerCoefficients(self, model, layer, names))
         return keys
 
     def learn_task(self, model: ContinualClassifier, ctx: TaskContext) -> dict:

@@ -12,9 +12,11 @@ Two optional per-branch extras (absent unless a method adds them; without them a
 exactly the above):
 - a gate `w_a` (one weight per rank component, `add_gate`): the branch becomes B_a diag(w_a) A_a
   (CoDyRA's rank-selective LoRA);
-- a coefficient `c_a` (`set_coefficient`, a callable returning a scalar tensor or float, evaluated
-  at every forward): the branch is multiplied by c_a (SD-LoRA's trainable magnitude divided by the
-  frozen direction's norm).
+- a coefficient `c_a`: the branch is multiplied by c_a (SD-LoRA's trainable magnitude divided by
+  the frozen direction's norm), evaluated at every forward with autograd. Either one callable per
+  branch (`set_coefficient(name, fn)`, fn() a scalar tensor or float) or one callable for many
+  branches (`set_coefficients(names, fn)`, fn() a 1-D tensor of len(names), entry i the
+  coefficient of names[i]): a forward then evaluates fn once, not once per branch.
 
 Batched forward (`BATCH_BRANCHES`, on by default): the sum above is regrouped so a layer's cost
 does not grow with the number of active branches; the result is the same up to float rounding.
@@ -26,14 +28,16 @@ does not grow with the number of active branches; the result is the same up to f
   the layer then runs one base-sized matmul / conv whatever their number;
 - frozen branches with a coefficient, when two or more are active: A_cat = [A_a] (R x fan_in)
   and B_cat = [s_a B_a diag(w_a)] (out x R) are cached the same way; each forward evaluates the
-  coefficients c_a (the callables may depend on trainable scalars) and expands them to one
-  factor per rank component, m = (c_a repeated r_a times), then adds
+  coefficients c_a (the callables may depend on trainable scalars: each vector callable once,
+  each single-branch callable once) and expands them to one factor per rank component with one
+  cached index, m = (c_a repeated r_a times), then adds
   B_cat diag(m) A_cat x (factored) or folds (B_cat diag(m)) A_cat into the weight (dense, when
   that is cheaper: always for Conv2d, for a Linear once tokens * (in + out) >= in * out), both
   with autograd through m, so the coefficients get their gradients.
 A lone branch of a group takes the loop path (bit-identical to the unbatched layer, and nothing
 to rebuild when a method switches between single sub-networks). `BATCH_BRANCHES = False` keeps
-the per-branch loop everywhere (the benchmark's "before").
+the per-branch loop everywhere (the benchmark's "before"); there a vector coefficient is still
+evaluated once per forward and indexed per branch.
 
 Per-task batch-norm (`TaskBatchNorm2d`) follows the same keying: PEARL's CNN sub-networks each
 own their norm layers. Only one norm branch can be active; with none active the base norm runs.
@@ -65,6 +69,32 @@ def cpu_draw(shape, dtype: torch.dtype, draw: Callable[[torch.Tensor], torch.Ten
     """`draw(tensor)` fills a CPU tensor, which then moves to `device`: the run's generators
     are CPU generators (a CUDA tensor refuses them), and a GPU run gets the CPU run's values."""
     return draw(torch.empty(shape, dtype=dtype)).to(device)
+
+
+class CoefficientGroup:
+    """The branches `names` of one layer whose coefficients come from one callable: fn() is a
+    1-D tensor of len(names), entry i the coefficient of names[i] (`set_coefficients`)."""
+
+    def __init__(self, names: Sequence[str], fn: Callable[[], torch.Tensor]):
+        self.names, self.fn = tuple(names), fn
+
+    def values(self) -> torch.Tensor:
+        v = self.fn()
+        if v.shape != (len(self.names),):
+            raise ValueError(f"a coefficient vector for {len(self.names)} branches has shape "
+                             f"{tuple(v.shape)}")
+        return v
+
+
+class GroupCoefficient:
+    """Branch `group.names[index]`'s coefficient, as a per-branch callable (what
+    `layer.coefficients[name]` holds for a branch of a `set_coefficients` group)."""
+
+    def __init__(self, group: CoefficientGroup, index: int):
+        self.group, self.index = group, index
+
+    def __call__(self) -> torch.Tensor:
+        return self.group.values()[self.index]
 
 
 class LoRALayer(nn.Module):
@@ -156,15 +186,39 @@ class LoRALayer(nn.Module):
         else:
             self.coefficients[name] = fn
 
+    def set_coefficients(self, names: Sequence[str],
+                         fn: Callable[[], torch.Tensor] | None) -> None:
+        """Multiply branch names[i] by fn()[i] at every forward: one callable returning a 1-D
+        tensor of len(names) for many branches (None removes their coefficients). It replaces
+        any coefficient the branches had; the batched forward evaluates it once per forward."""
+        names = list(names)
+        if len(set(names)) != len(names):
+            raise ValueError(f"repeated branch names in {names}")
+        if fn is None:
+            for n in names:
+                self.coefficients.pop(n, None)
+            return
+        group = CoefficientGroup(names, fn)
+        for i, n in enumerate(names):
+            self.coefficients[n] = GroupCoefficient(group, i)
+
     def _gated_B(self, name: str) -> torch.Tensor:
         """B diag(w) (just B without a gate)."""
         B = self.lora_B[name]
         return B * self.lora_w[name] if name in self.lora_w else B
 
-    def _factor(self, name: str):
-        """s * c for branch `name` (c = 1 without a coefficient)."""
+    def _factor(self, name: str, memo: dict | None = None):
+        """s * c for branch `name` (c = 1 without a coefficient). `memo` (one dict per forward)
+        evaluates each coefficient vector once for all its branches."""
         fn = self.coefficients.get(name)
-        return self.scaling[name] if fn is None else self.scaling[name] * fn()
+        if fn is None:
+            return self.scaling[name]
+        if memo is not None and isinstance(fn, GroupCoefficient):
+            values = memo.get(fn.group)
+            if values is None:
+                values = memo[fn.group] = fn.group.values()
+            return self.scaling[name] * values[fn.index]
+        return self.scaling[name] * fn()
 
     def adapters(self) -> list[str]:
         return list(self.lora_A.keys())
@@ -172,18 +226,19 @@ class LoRALayer(nn.Module):
     def rank(self, name: str) -> int:
         return int(self.lora_A[name].shape[0])
 
-    def delta_matrix(self, name: str) -> torch.Tensor:
+    def delta_matrix(self, name: str, memo: dict | None = None) -> torch.Tensor:
         """s * B A as an (out, fan_in) matrix (s * c * B diag(w) A with the optional extras)."""
         if name not in self.lora_w and name not in self.coefficients:
             return self.scaling[name] * (self.lora_B[name] @ self.lora_A[name])
-        return self._factor(name) * (self._gated_B(name) @ self.lora_A[name])
+        return self._factor(name, memo) * (self._gated_B(name) @ self.lora_A[name])
 
-    def delta_weight(self, names: Iterable[str]) -> torch.Tensor:
-        """The summed update of `names`, shaped like the base weight."""
+    def delta_weight(self, names: Iterable[str], memo: dict | None = None) -> torch.Tensor:
+        """The summed update of `names`, shaped like the base weight (`memo`: see `_factor`)."""
         w = self.base.weight
         total = torch.zeros(_flat_shape(w), dtype=w.dtype, device=w.device)
+        memo = {} if memo is None else memo
         for n in names:
-            total = total + self.delta_matrix(n)
+            total = total + self.delta_matrix(n, memo)
         return total.reshape(w.shape)
 
     # -- batched forward (module docstring) ------------------------------------------------
@@ -213,9 +268,12 @@ class LoRALayer(nn.Module):
                 continue
             entry = (n, self.scaling[n], id(A), A._version, id(B), B._version,
                      None if w is None else (id(w), w._version))
-            if n in self.coefficients:
+            fn = self.coefficients.get(n)
+            if fn is not None:
                 coef.append(n)
-                coef_key.append(entry)
+                # a vector coefficient's group and slot decide the cached index
+                coef_key.append(entry + ((id(fn.group), fn.index)
+                                         if isinstance(fn, GroupCoefficient) else None,))
             else:
                 fold.append(n)
                 fold_key.append(entry)
@@ -266,24 +324,54 @@ class LoRALayer(nn.Module):
             return W.reshape(cache[2].shape) + cache[2]
         return cache[2]
 
-    def _coef_factors(self, coef: list[str], key: tuple
+    def _coef_factors(self, coef: list[str], key: tuple, memo: dict
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A_cat, B_cat, m): the cached concatenation of `coef` and this forward's factor per
-        rank component, m = (c_a repeated r_a times), with autograd through every c_a."""
+        rank component, m = (c_a repeated r_a times), with autograd through every c_a. The
+        coefficients are evaluated once per source - each vector group's callable once, the
+        single-branch callables stacked - and m is one gather of their concatenation (the index,
+        from rank component to entry, is cached with A_cat and B_cat). The vectors go into `memo`
+        for the loop path's branches of the same groups (a trainable one)."""
         W = self.base.weight
         key = (key, W.dtype, W.device)
         cache = self._coef_cache
         if cache is None or cache[0] != key:
+            groups: list[CoefficientGroup] = []
+            singles: list[str] = []
+            slot: list[tuple[int, int]] = []  # (source, entry) of each branch in `coef`
+            for n in coef:
+                fn = self.coefficients[n]
+                if isinstance(fn, GroupCoefficient):
+                    if fn.group not in groups:
+                        groups.append(fn.group)
+                    slot.append((groups.index(fn.group), fn.index))
+                else:
+                    slot.append((-1, len(singles)))
+                    singles.append(n)
+            starts, total = [], 0
+            for g in groups:
+                starts.append(total)
+                total += len(g.names)
+            entry = [total + i if src < 0 else starts[src] + i for src, i in slot]
             with self._building():
                 A, B = self._concat(coef)
                 ranks = torch.tensor([self.rank(n) for n in coef], device=A.device)
-                index = torch.repeat_interleave(torch.arange(len(coef), device=A.device), ranks)
-            cache = self._coef_cache = (key, self._refs(coef), (A, B, index))
-        A, B, index = cache[2]
-        values = [self.coefficients[n]() for n in coef]
-        c = torch.stack([torch.as_tensor(v, dtype=A.dtype, device=A.device).reshape(())
-                         for v in values])
-        return A, B, c[index]
+                index = torch.repeat_interleave(torch.tensor(entry, device=A.device), ranks)
+            plan = (A, B, index, groups, singles)
+            cache = self._coef_cache = (key, self._refs(coef) + groups, plan)
+        A, B, index, groups, singles = cache[2]
+        parts = []
+        for g in groups:
+            values = memo.get(g)
+            if values is None:
+                values = memo[g] = g.values()
+            parts.append(values)
+        if singles:
+            values = [self.coefficients[n]() for n in singles]
+            parts.append(torch.stack([torch.as_tensor(v, dtype=A.dtype, device=A.device).reshape(())
+                                      for v in values]))
+        c = parts[0] if len(parts) == 1 else torch.cat([p.to(A.dtype) for p in parts])
+        return A, B, c.to(A.dtype)[index]
 
     def merge(self, names: Sequence[str]) -> None:
         """Fold the branches into the base weight and remove them (no inference overhead)."""
@@ -302,9 +390,9 @@ class LoRALinear(LoRALayer):
         if not fold and not coef:
             return self._forward_loop(x, loop)
         weight = self._folded_weight(fold, fold_key) if fold else self.base.weight
-        factored = None
+        factored, memo = None, {}
         if coef:
-            A, B, m = self._coef_factors(coef, coef_key)
+            A, B, m = self._coef_factors(coef, coef_key, memo)
             tokens = x.numel() // x.shape[-1]
             if tokens * (A.shape[1] + B.shape[0]) >= A.shape[1] * B.shape[0]:
                 weight = weight + (B * m) @ A  # dense: cheaper than the factored pair here
@@ -314,12 +402,13 @@ class LoRALinear(LoRALayer):
         if factored is not None:
             A, B, m = factored
             y = y + F.linear(F.linear(x, A) * m, B)
-        return self._forward_loop(x, loop, y)
+        return self._forward_loop(x, loop, y, memo)
 
     def _forward_loop(self, x: torch.Tensor, names: Sequence[str],
-                      y: torch.Tensor | None = None) -> torch.Tensor:
+                      y: torch.Tensor | None = None, memo: dict | None = None) -> torch.Tensor:
         """y (default W x + b) plus the branches `names`, one by one (the unbatched layer)."""
         y = self.base(x) if y is None else y
+        memo = {} if memo is None else memo  # each coefficient vector once per forward
         for name in names:
             if name not in self.lora_w and name not in self.coefficients:
                 # low-rank path: never materialise B A for a Linear
@@ -329,7 +418,7 @@ class LoRALinear(LoRALayer):
             h = F.linear(x, self.lora_A[name])
             if name in self.lora_w:
                 h = h * self.lora_w[name]
-            y = y + self._factor(name) * F.linear(h, self.lora_B[name])
+            y = y + self._factor(name, memo) * F.linear(h, self.lora_B[name])
         return y
 
 
@@ -345,11 +434,12 @@ class LoRAConv2d(LoRALayer):
             weight = self._folded_weight(fold, fold_key).reshape(self.base.weight.shape)
         else:
             weight = self.base.weight
+        memo: dict = {}
         if coef:
-            A, B, m = self._coef_factors(coef, coef_key)
+            A, B, m = self._coef_factors(coef, coef_key, memo)
             weight = weight + ((B * m) @ A).reshape(weight.shape)
         if loop:
-            weight = weight + self.delta_weight(loop)
+            weight = weight + self.delta_weight(loop, memo)
         b = self.base
         if isinstance(b, Conv2dSame):
             # timm's tf_* convs pad 'same' dynamically from the input size

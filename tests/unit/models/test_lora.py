@@ -663,3 +663,136 @@ def test_batched_cache_is_full_precision_and_follows_dtype():
     alpha.data = alpha.data.double()  # the coefficients' scalar follows the model
     _assert_batched_equals_loop(layer, x.double(), extra=[alpha])
     assert layer._fold_cache[2].dtype == torch.float64
+
+
+# -- vector coefficients (set_coefficients): one callable for many branches ------------------------
+class _VecCoef:
+    """c = alphas * k + 0.1 for many branches at once (SD-LoRA's magnitudes over norms); counts
+    its calls."""
+
+    def __init__(self, alphas, k):
+        self.alphas, self.k, self.calls = alphas, torch.tensor(k), 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.alphas * self.k + 0.1
+
+
+def _vector_layer(factory, seed=5):
+    """Frozen branches v0..v3 (one gated) under ONE vector coefficient, a frozen branch with a
+    per-branch callable beside them, a trainable branch inside the vector group and a plain
+    trainable one. Returns (layer, x, alphas, fn, the same coefficients as per-branch callables)."""
+    torch.manual_seed(seed)
+    base, x = factory()
+    layer = _wrap(base)
+    layer.base.requires_grad_(False)
+    specs = [("v0", 2, 1.0), ("s0", 1, 0.5), ("v1", 1, 0.5), ("v2", 3, 2.0), ("t0", 2, 1.0),
+             ("v3", 1, 1.0), ("t1", 1, 0.5)]
+    for name, rank, scaling in specs:
+        _set_random(layer, name, rank, scaling)
+    layer.add_gate("v2")
+    for name in ("v0", "s0", "v1", "v2", "v3"):
+        for d in (layer.lora_A, layer.lora_B, layer.lora_w):
+            if name in d:
+                d[name].requires_grad_(False)
+    names = ["v0", "v1", "v2", "v3", "t1"]  # t1 trains: the loop path reads its entry
+    alphas = nn.Parameter(torch.tensor([0.7, -1.2, 0.4, 2.0, 1.1]))
+    k = [1.5, -2.0, 0.5, 1.0, 3.0]
+    fn = _VecCoef(alphas, k)
+    layer.set_coefficients(names, fn)
+    alpha = nn.Parameter(torch.tensor([0.3]))
+    layer.set_coefficient("s0", _Coef(alpha, 2.0))
+    per_branch = {n: (lambda i=i: alphas[i] * k[i] + 0.1) for i, n in enumerate(names)}
+    layer.active = tuple(name for name, _, _ in specs)
+    return layer, x, (alphas, alpha), fn, per_branch
+
+
+@pytest.mark.parametrize("factory", LAYERS)
+def test_vector_coefficients_equal_the_loop_and_per_branch_callables(factory):
+    layer, x, extra, fn, per_branch = _vector_layer(factory)
+    # batched (one vector op) == the per-branch loop, outputs and gradients w.r.t. x, the
+    # magnitudes and the trainable branches
+    _assert_batched_equals_loop(layer, x, extra=extra)
+    coef = layer._coef_cache
+    assert [k[0] for k in coef[0][0]] == ["v0", "s0", "v1", "v2", "v3"]
+    # one call of the vector callable per forward, batched and in the loop alike
+    for batched in (True, False):
+        lora.BATCH_BRANCHES = batched
+        try:
+            fn.calls = 0
+            layer(x)
+            assert fn.calls == 1
+        finally:
+            lora.BATCH_BRANCHES = True
+    # the same coefficients given one callable per branch (the old form): the same outputs and
+    # gradients, batched and looped
+    twin = copy.deepcopy(layer)
+    for n, c in per_branch.items():
+        twin.set_coefficient(n, c)
+    twin.set_coefficient("s0", layer.coefficients["s0"])  # the original alpha, not a copy
+    (y, grads), (y_loop, grads_loop) = _out_and_grads(layer, x, extra)
+    (y_old, grads_old), (y_old_loop, grads_old_loop) = _out_and_grads(twin, x, extra)
+    # gradients w.r.t. x, the twin's own trainable branches (same order) and the magnitudes
+    for new, old in ((y, y_old), (y_loop, y_old_loop), (grads, grads_old),
+                     (grads_loop, grads_old_loop)):
+        torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-6)
+    assert grads[-2].abs().min() > 0  # every magnitude gets a gradient
+    # delta_matrix (merge, Conv2d loop) reads the vector too
+    torch.testing.assert_close(layer.delta_matrix("v2"), twin.delta_matrix("v2"))
+
+
+@pytest.mark.parametrize("factory", [_linear, _conv])
+def test_vector_coefficient_cache_follows_the_branch_set(factory):
+    layer, x, extra, fn, _ = _vector_layer(factory)
+    alphas, alpha = extra
+    _assert_batched_equals_loop(layer, x, extra=extra)
+    first = layer._coef_cache
+    layer(x)
+    assert layer._coef_cache is first  # unchanged: reused
+    # the magnitudes move (an optimiser step): same cache, new values
+    with torch.no_grad():
+        alphas.mul_(-2.0)
+    _assert_batched_equals_loop(layer, x, extra=extra)
+    assert layer._coef_cache is first
+    # the active set changes: order, a branch of the group off, the single one off
+    layer.active = ("v3", "t0", "v1", "v0", "t1")
+    _assert_batched_equals_loop(layer, x, extra=extra)
+    assert [k[0] for k in layer._coef_cache[0][0]] == ["v3", "v1", "v0"]
+    layer.active = ("v0", "s0", "v1", "v2", "v3", "t0", "t1")
+    _assert_batched_equals_loop(layer, x, extra=extra)
+    # a new vector over a different set of names (a new group, other slots)
+    k2 = [0.5, 2.0, -1.0]
+    fn2 = _VecCoef(alphas[:3], k2)
+    before = layer._coef_cache
+    layer.set_coefficients(["v3", "s0", "v0"], fn2)
+    _assert_batched_equals_loop(layer, x, extra=extra)
+    assert layer._coef_cache is not before
+    # one member replaced by a single callable, then the group's coefficients removed
+    layer.set_coefficient("v1", _Coef(alpha, -0.5))
+    _assert_batched_equals_loop(layer, x, extra=extra)
+    layer.set_coefficients(["v3", "s0", "v0"], None)
+    _assert_batched_equals_loop(layer, x, extra=extra)
+    assert [k[0] for k in layer._fold_cache[0][0]] == ["v0", "s0", "v3"]
+    # a branch of a group removed and re-created under the same name (frozen, no coefficient)
+    layer.set_coefficients(["v0", "v1", "v2", "v3"], _VecCoef(alphas[:4], [1.0, 2.0, 3.0, 4.0]))
+    _assert_batched_equals_loop(layer, x, extra=extra)
+    layer.remove_adapter("v1")
+    _assert_batched_equals_loop(layer, x, extra=extra)
+    _set_random(layer, "v1", 2, 0.5)
+    layer.lora_A["v1"].requires_grad_(False)
+    layer.lora_B["v1"].requires_grad_(False)
+    layer.active = layer.active + ("v1",)
+    _assert_batched_equals_loop(layer, x, extra=extra)
+    # frozen weights of a group member replaced in place
+    layer.set_adapter_weights("v2", torch.randn_like(layer.lora_B["v2"]),
+                              torch.randn_like(layer.lora_A["v2"]))
+    _assert_batched_equals_loop(layer, x, extra=extra)
+
+
+def test_vector_coefficient_checks_its_length():
+    layer, x, extra, fn, _ = _vector_layer(_linear)
+    layer.set_coefficients(["v0", "v1"], lambda: torch.ones(3))
+    with pytest.raises(ValueError, match="2 branches has shape"):
+        layer(x)
+    with pytest.raises(ValueError, match="repeated"):
+        layer.set_coefficients(["v0", "v0"], lambda: torch.ones(2))
