@@ -70,6 +70,8 @@ def test_a_nan_loss_names_its_own_step_however_late_it_is_read(check_every, step
 
 # ---------------------------------------------------------------- cldist bench step
 
+# slow: three full training loops, DeepSpeed's included (about 35 s on 2 cores); `make test`
+@pytest.mark.slow
 def test_the_three_loops_train_the_same_weights():
     """The benchmark compares equal work: plain loop, fit + torch engine, fit + DeepSpeed
     ZeRO-0 (whose all-reduce over one rank and whole-model zero_grad cldist drops) end with
@@ -124,6 +126,8 @@ def test_compare_steps_interleaves_and_stops_as_the_ranks_agree():
     assert len(wall["a"]) == len(cpu["b"]) == 2
 
 
+# slow: starts the session's Ray cluster and a 2-worker Train job; `make test` runs it
+@pytest.mark.slow
 def test_step_bench_json_with_two_workers(tmp_path, ray_cluster):
     result = run_step_bench(tmp_path, TINY_STEP, {"repeats": 1, "steps": 2, "warmup": 1,
                                                   "budget_s": None})
@@ -204,6 +208,8 @@ def test_a_part_that_fails_or_overruns_leaves_an_error_and_the_rest_runs(tmp_pat
     assert [r["part"] for r in written["rows"]] == ["train", "stream", "scoring"]
 
 
+# slow: a whole inline stream and its scoring (about 45 s on 2 cores); `make test` runs it
+@pytest.mark.slow
 def test_scoring_falls_back_to_an_inline_run_when_the_ray_stream_failed(tmp_path,
                                                                          monkeypatch):
     def no_ray(work, s, device, context):
@@ -237,6 +243,8 @@ def test_launch_script_is_valid_bash_and_runs_the_module():
     assert "-m cldist.bench.gpu" in text and "gpu.json" in text
 
 
+# slow: every part of the GPU check, a Ray stream included (minutes); `make test` runs it
+@pytest.mark.slow
 def test_gpu_check_tiny_on_cpu_runs_every_part(tmp_path, ray_cluster, capsys):
     """The whole check, every part for real, with test_vit on this CPU: the JSON a GPU run
     writes, with mfu null (no bf16 peak on a CPU) and the reason."""
