@@ -91,20 +91,26 @@ def _parser():
     return OverridesParser.create()
 
 
+def _parse(parser, text: str):
+    """(Hydra's parsed override, None), or (None, the first line of Hydra's complaint)."""
+    from hydra.errors import HydraException
+    try:
+        return parser.parse_override(text), None
+    except HydraException as e:
+        return None, str(e).splitlines()[0]
+
+
 def is_sweep(overrides: list[str]) -> str | None:
     """The first override that only a sweep accepts (a value list, range(), sweep_dir=, ...),
     or None; overrides Hydra cannot parse are left for `compose` to report."""
-    from hydra.errors import HydraException
     parser = _parser()
     for o in overrides:
         key = o.partition("=")[0]
         if key in (SWEEP_DIR_KEY, BASELINE_KEY):
             return o
-        try:
-            if parser.parse_override(o).is_sweep_override():
-                return o
-        except HydraException:
-            continue
+        parsed, _ = _parse(parser, o)
+        if parsed is not None and parsed.is_sweep_override():
+            return o
     return None
 
 
@@ -124,10 +130,9 @@ def parse_sweep(overrides: list[str]) -> SweepSpec:
         if key == BASELINE_KEY and sep:
             spec.baseline_text = _unquote(value)
             continue
-        try:
-            parsed = parser.parse_override(o)
-        except HydraException as e:
-            problems.append(f"{o}: {str(e).splitlines()[0]}")
+        parsed, error = _parse(parser, o)
+        if error:
+            problems.append(f"{o}: {error}")
             continue
         key = parsed.get_key_element()
         if key.lstrip("+~") in seen:
@@ -188,14 +193,12 @@ def _unquote(value: str) -> str:
 def _parse_baseline(text: str, swept: dict[str, list[str]], problems: list[str]) -> dict | None:
     """`sweep.baseline='method=seq_lora'` (several keys: space-separated) as {key: value},
     each key swept (not the seed) and each value one of its swept values."""
-    from hydra.errors import HydraException
     parser = _parser()
     out: dict[str, str] = {}
     for part in text.split():
-        try:
-            parsed = parser.parse_override(part)
-        except HydraException as e:
-            problems.append(f"{BASELINE_KEY}={text!r}: {part}: {str(e).splitlines()[0]}")
+        parsed, error = _parse(parser, part)
+        if error:
+            problems.append(f"{BASELINE_KEY}={text!r}: {part}: {error}")
             continue
         key = parsed.get_key_element()
         if parsed.is_sweep_override():
