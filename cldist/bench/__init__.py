@@ -39,7 +39,7 @@ draws) and timm's test ViT, so they need no download and take minutes on a 2-cor
 
     cldist bench svd                  # seconds
     cldist bench step layers          # < 10 min on 2 cores
-    cldist bench                      # all but gpu; the slots benchmark alone is ~1 h on 2 cores
+    cldist bench                      # all but gpu (slots, four 100-task streams, is the longest)
 """
 from __future__ import annotations
 
