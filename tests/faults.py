@@ -40,3 +40,18 @@ def install(monkeypatch) -> None:
     from cldist.distributed.train_job import ship_module_by_value
     ship_module_by_value(sys.modules[__name__])  # workers need not import tests/
     monkeypatch.setattr(runner, "WORKER_EPOCH_HOOKS", (kill_worker,))
+
+
+def kill_worker_learning(monkeypatch, task_id: int) -> None:
+    """Arm `kill_worker` for `task_id` in the run directory the stream prepares, and install it:
+    the first worker to finish an epoch of that task SIGKILLs itself, once."""
+    from cldist import stream
+    prepare = stream.prepare_run_dir
+
+    def prepare_with_fault(cfg, manifest):
+        out = prepare(cfg, manifest)
+        arm_kill_worker(out, task_id)
+        return out
+
+    monkeypatch.setattr(stream, "prepare_run_dir", prepare_with_fault)
+    install(monkeypatch)

@@ -76,19 +76,10 @@ def _ray_stream(three_tasks: Path, run_dir: Path, *extra: str) -> dict:
 @pytest.mark.slow
 def test_a_killed_training_worker_is_retried_from_its_last_checkpoint(
         three_tasks, uninterrupted, tmp_path, ray_cluster, capsys, monkeypatch):
-    from cldist import stream
     run_dir = tmp_path / "run"
-    prepare = stream.prepare_run_dir
-
-    def prepare_with_fault(cfg, manifest):
-        # rank 0 SIGKILLs itself after its first epoch of task 2, the second task of the job
-        # learning tasks 1 and 2, i.e. after the job had reported task 1
-        out = prepare(cfg, manifest)
-        faults.arm_kill_worker(out, 2)  # consumed by faults.kill_worker
-        return out
-
-    monkeypatch.setattr(stream, "prepare_run_dir", prepare_with_fault)
-    faults.install(monkeypatch)
+    # rank 0 SIGKILLs itself after its first epoch of task 2, the second task of the job
+    # learning tasks 1 and 2, i.e. after the job had reported task 1
+    faults.kill_worker_learning(monkeypatch, 2)
     metrics = _ray_stream(three_tasks, run_dir, "trainer.max_failures=1",
                           "trainer.max_concurrent_tasks=1")  # one job learns tasks 1 and 2
 
@@ -292,15 +283,7 @@ def test_f_killed_slot_worker_relearns_only_the_task_it_held(
     from cldist import stream
     from cldist.config.compose import compose
     run_dir = tmp_path / "run"
-    prepare = stream.prepare_run_dir
-
-    def prepare_with_fault(cfg, manifest):
-        out = prepare(cfg, manifest)
-        faults.arm_kill_worker(out, 2)  # consumed by faults.kill_worker
-        return out
-
-    monkeypatch.setattr(stream, "prepare_run_dir", prepare_with_fault)
-    faults.install(monkeypatch)
+    faults.kill_worker_learning(monkeypatch, 2)
     metrics = stream.run_stream(compose(tiny_overrides(
         three_tasks, run_dir, "runner=ray", "trainer.tasks_per_job=auto",
         "trainer.max_failures=1", "trainer.max_concurrent_tasks=1", *LEARN)))

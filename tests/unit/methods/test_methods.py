@@ -270,7 +270,8 @@ def stream(name: str, **overrides) -> dict:
 # -- the shared table -------------------------------------------------------------------------
 TABLE = [pytest.param(name, {}, id=name) for name in sorted(METHODS)] + [
     pytest.param("sdlora", {"variant": "official"}, id="sdlora-official"),
-    pytest.param("inflora", {"variant": "official", "blocks": 3}, id="inflora-official-b3"),
+    pytest.param("inflora", {"variant": "official", "blocks": 3}, id="inflora-official-b3",
+                 marks=pytest.mark.slow),
     pytest.param("codyra", {"variant": "official"}, id="codyra-official"),
     pytest.param("sdlora", {"boundary": "paper"}, id="sdlora-boundary-paper"),
 ]
@@ -376,6 +377,7 @@ def test_optimizer_names_are_the_trainers():
     assert OPTIMIZERS == BUILT
 
 
+@pytest.mark.slow  # keeps `make test-fast` under 5 minutes; `make test` runs it
 def test_imports_point_one_way():
     """config/ imports no method, trainer or coordinator; the registry is full whichever
     module of cldist.methods (or a module using it) is imported first."""
@@ -395,6 +397,7 @@ def test_imports_point_one_way():
         assert done.returncode == 0, f"{code}\n{done.stderr[-2000:]}"
 
 
+@pytest.mark.slow  # keeps `make test-fast` under 5 minutes; `make test` runs it
 def test_a_new_method_is_one_file_one_yaml_one_row(tmp_path, digits_dir, monkeypatch):
     """README "Adding a method": the options dataclass and the method (here, in this test), its
     YAML, and nothing else - `cldist run method=tiny_probe` composes it (its own key typed and
@@ -681,6 +684,7 @@ def test_sdlora_official_normalisation():
                           torch.linalg.norm(layer.lora_B["t000"] @ layer.lora_A["t000"]))
 
 
+@pytest.mark.slow  # keeps `make test-fast` under 5 minutes; `make test` runs it
 @pytest.mark.parametrize("boundary", ["continuous", "normalise", "paper"])
 def test_sdlora_boundary(boundary):
     """When task 1 starts, task 0's B A turns into a frozen direction. `continuous` leaves the
@@ -868,6 +872,7 @@ def _feature_drift(run) -> float:
     return float(torch.linalg.norm(feats[1] - feats[0]) / torch.linalg.norm(feats[0]))
 
 
+@pytest.mark.slow  # keeps `make test-fast` under 5 minutes; `make test` runs it
 def test_inflora_moves_old_features_far_less_than_seq_lora():
     # the same training for both (seq_lora defaults to SGD, InfLoRA to AdamW)
     common = {"targets": ["k", "v"], "rank": 10, "lr": 1e-2, "epochs": 3, "optimizer": "adamw"}
