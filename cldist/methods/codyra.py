@@ -20,9 +20,9 @@ depends on how many steps a task has. The paper's 0.005 shrinks each gate by ~0.
 the ~76 steps of a Split Fashion-MNIST task (300 images x 2 classes, batch 32, 4 epochs); with
 w ~ N(0, 1) that can zero only the ~8 % of components with |w| < 0.1, so CoDyRA behaves as a
 rank-16 sequential LoRA. cldist's default 0.05 (total ~1) keeps 31-37 % of the components per
-task there. Measured with SGD 5e-3, seed 0 (docs/RESULTS.md, both rows): Class-IL 53.7 at the
-paper's 0.005 against 49.6 at 0.05 on fmnist_5t, 29.3 against 31.6 on fmnist_digits_10t - inside
-the seed spread either way - while 0.005 keeps 91-97 % of the components per task (no rank
+task there. Measured with SGD 5e-3 (docs/RESULTS.md, both rows): Class-IL 53.7 / 52.0 at the
+paper's 0.005 against 49.6 / 54.5 at 0.05 on fmnist_5t (seeds 0 / 1), 29.3 against 31.6 on
+fmnist_digits_10t (seed 0) - inside the seed spread either way - while 0.005 keeps 91-97 % of the components per task (no rank
 selection happens) and 0.05 keeps 31-68 %. The default stays 0.05 because at these step counts
 it is the value with which CoDyRA selects ranks at all; `method.kappa_max=0.005` is the paper's.
 Set it to keep the pruning you want for your stream's step count; the task meta records
