@@ -707,7 +707,9 @@ CASES = [
          after=RESUMES, repair=restore_shards),
     # configuration: refused before anything is read or written
     Case("key-misspelt", key_misspelt_subprocess, ("trainer.epochz", "trainer.epochs")),
-    Case("lora-rank-zero", _overrides("method.rank=0"), ("method.rank=0", ">= 1")),
+    # PEARL's rank is its rank rule's (min_rank/max_rank): a fixed-rank method's rank here
+    Case("lora-rank-zero", _overrides("method=sdlora", "method.rank=0"),
+         ("method.rank=0", ">= 1")),
     Case("max-rank-negative", _overrides("method.max_rank=-3"), ("method.max_rank=-3",)),
     Case("epochs-zero", _overrides("trainer.epochs=0"), ("trainer.epochs=0", ">= 1")),
     Case("batch-size-negative", _overrides("trainer.batch_size=-8"), ("trainer.batch_size=-8",)),
