@@ -172,8 +172,10 @@ def _two_task_manifest(digits_dir: Path, out: Path) -> Path:
 
 
 def _overrides(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [o for o in tiny_overrides(data_dir, run_dir)
-            if not o.startswith("trainer.batch_size=")] + list(extra)
+    # the method decides which of tiny_overrides' method keys apply (PEARL's only to PEARL)
+    method = [e for e in extra if e.startswith("method=")]
+    return [o for o in tiny_overrides(data_dir, run_dir, *method)
+            if not o.startswith(("trainer.batch_size=", "method="))] + list(extra)
 
 
 def _run_two_node_cluster(overrides: list[str], timeout_s: float = 600,
