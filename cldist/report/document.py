@@ -110,13 +110,3 @@ def render_html(document: Document) -> str:
             parts.append(_html_table(table))
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write via a temporary file and rename, so a reader never sees half a report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

@@ -39,8 +39,8 @@ from cldist.report.document import (
     Table,
     render_html,
     render_markdown,
-    write_text_atomic,
 )
+from cldist.atomic_io import write_text_atomic
 from cldist.rundir import RunDir
 from cldist.report.summary import (
     flatten_config,
