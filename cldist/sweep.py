@@ -29,9 +29,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+from .atomic_io import write_json_atomic
 from .errors import ConfigError, Interrupted, UserError
-from .rundir import (RunDir, acquire_lock, foreign_entries, read_json, release_lock,
-                     write_json_atomic)
+from .rundir import RunDir, acquire_lock, foreign_entries, read_json, release_lock
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT = "cldist-sweep"

@@ -9,13 +9,12 @@ stream, the CLI, the report and the Ray runner all go through it.
     cldist/rundir/tasks.py     staging, committing and reading task files (torch; lazy)
     cldist/rundir/manifest.py  the pinned manifest and its checked `shard_root`
 
-Crash-safe writes (tmp + fsync + rename) are cldist/atomic_io.py's, re-exported here; the
-commits built from them (state.json, task directories) are this package's.
+Crash-safe writes (tmp + fsync + rename) are cldist/atomic_io.py's (import them from there);
+the commits built from them (state.json, task directories) are this package's.
 `import cldist.rundir` pulls in neither torch nor the data readers.
 """
 from __future__ import annotations
 
-from ..atomic_io import fsync_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .files import (DAMAGED, FORMAT_VERSION, LOCK_FILE, MAX_JSON_BYTES, MAX_JSON_DEPTH,
                     STATE_FILE, RunDirLocked, acquire_lock, foreign_entries, read_json,
                     release_lock, state_marker_problem)
@@ -28,6 +27,5 @@ __all__ = [
     "CONFIG_FILE", "CONFIG_YAML_FILE", "DAMAGED", "FORMAT_VERSION", "LOCK_FILE", "MANIFEST_FILE",
     "MAX_JSON_BYTES", "MAX_JSON_DEPTH", "METRICS_FILE", "METRICS_REQUIRED_KEYS", "REFERENCE_FILE",
     "RunDir", "RunDirLocked", "RunState", "SEEDS_FILE", "STATE_FILE", "TASKS_DIR", "TB_DIR",
-    "acquire_lock", "foreign_entries", "fsync_dir", "read_json", "release_lock",
-    "state_marker_problem", "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
+    "acquire_lock", "foreign_entries", "read_json", "release_lock", "state_marker_problem",
 ]
