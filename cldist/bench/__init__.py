@@ -87,7 +87,8 @@ def run_stream_on(data: Path, run_dir: Path, *overrides: str) -> dict:
 
 
 def task_meta(run_dir: Path) -> dict:
-    return json.loads((run_dir / "state.json").read_text())["task_meta"]
+    from ..rundir import RunDir
+    return RunDir(run_dir).read_state()["task_meta"]
 
 
 def _load_modules() -> None:
