@@ -386,6 +386,14 @@ def resume_lr_without_flag(w: World):
     return ["resume", str(run), "method.lr=1e-4"]
 
 
+def resume_lr_key_of_another_method(w: World):
+    """--allow-lr-change with PEARL's stage-1 rate on a finished run of a method without one
+    (slda: a statistics pass per task, seconds)."""
+    assert main(w.run("method=slda")) == 0
+    w.culprits += ["method.stage1_lr", "slda", str(w.run_dir)]
+    return ["resume", str(w.run_dir), "--allow-lr-change", "method.stage1_lr=1e-4"]
+
+
 def resume_override_unknown(w: World):
     run = w.copy_finished()
     w.culprits.append("cluster.adress")
@@ -755,6 +763,8 @@ CASES = [
          after=UNTOUCHED),
     Case("resume-lr-without-flag", resume_lr_without_flag, ("--allow-lr-change",),
          after=UNTOUCHED),
+    Case("resume-lr-key-of-another-method", resume_lr_key_of_another_method,
+         ("not an option of method", "its learning rate is method.lr"), after=UNTOUCHED),
     Case("resume-override-unknown", resume_override_unknown, ("does not exist",
                                                               "cluster.address"),
          after=UNTOUCHED),
