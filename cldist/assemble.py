@@ -1,25 +1,47 @@
 """Model assembly: the one place a RunConfig becomes objects - the method, its model on the
-configured backbone (with the run's reference weights) and the image transforms.
+configured backbone (with the run's reference weights), the image transforms, and the set-ups
+the trainer (`TaskSetup`), the scorer (`ScoringSetup`) and the stream evaluator take.
 
-The trainer (cldist.train.task), the evaluator (cldist.eval.scoring), the stream driver and
-the CLI all build them here, so a task is trained and scored on the same model and the same
-transforms. It sits above config/, data/, models/ and methods/ and below train/ and eval/.
+train/ and eval/ never read a config: the runners, the stream driver, the CLI and the
+benchmarks build what they need here, so a task is trained and scored on the same model and the
+same transforms. It sits above config/, data/, models/, methods/, train/ and eval/, below the
+runners.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config.schema import RunConfig
+from .config.schema import MethodOptions, RunConfig
 from .data import make_transform
 from .data.manifest import Manifest
 from .errors import ConfigError
+from .eval.scoring import Scorer, ScoringSetup
+from .eval.stream_evaluator import StreamEvaluator
 from .methods.base import ContinualMethod, get_method_class
 from .models.backbone import BackboneSpec, build_backbone, default_normalization
 from .models.continual import ContinualClassifier
 from .models.inject import split_fused_qkv
 from .rundir import RunDir
+from .train.task import RunDefaults, TaskSetup
+
+
+@dataclass
+class TaskJob:
+    """What a task job needs, all of it plain and picklable: the runners send it to workers,
+    which turn it into a TaskSetup (`task_setup`)."""
+
+    run_dir: str
+    config: dict  # RunConfig.to_dict()
+    task_id: int
+
+    @property
+    def cfg(self) -> RunConfig:
+        return RunConfig.from_dict(self.config)
 
 
 def make_method(cfg: RunConfig) -> ContinualMethod:
@@ -64,3 +86,50 @@ def transforms(cfg: RunConfig, manifest: Manifest):
         raise ConfigError([f"scenario.train_crop={sc.train_crop} / scenario.test_resize="
                            f"{sc.test_resize}: {e}"]) from None
     return train, test
+
+
+def run_defaults(options: MethodOptions, epochs: int | None = None) -> RunDefaults:
+    """The run's shared optimiser keys from a method's options; `epochs` is the run's main
+    epochs (RunConfig.main_epochs; default the options' own)."""
+    return RunDefaults(method=options.name, optimizer=options.optimizer,
+                       weight_decay=float(options.weight_decay),
+                       epochs=int(options.epochs if epochs is None else epochs),
+                       options=dataclasses.asdict(options))
+
+
+def task_setup(job: TaskJob) -> TaskSetup:
+    """Task `job.task_id` of the run as objects; the model is built when train_task asks."""
+    cfg = job.cfg
+    manifest = RunDir(job.run_dir).read_manifest()
+    method = make_method(cfg)
+    train_tf, test_tf = transforms(cfg, manifest)
+    return TaskSetup(run_dir=job.run_dir, task_id=job.task_id, manifest=manifest, method=method,
+                     new_model=functools.partial(build_model, cfg, method, manifest, job.run_dir),
+                     train_transform=train_tf, test_transform=test_tf, seed=cfg.seed,
+                     batch_size=cfg.trainer.batch_size,
+                     eval_batch_size=cfg.trainer.eval_batch_size,
+                     loader_workers=cfg.trainer.loader_workers,
+                     defaults=run_defaults(cfg.method, cfg.main_epochs),
+                     router_projection_dim=cfg.router.projection_dim)
+
+
+def make_scorer(cfg: RunConfig, run_dir: str | Path, device: str = "cpu") -> Scorer:
+    """A Scorer over the run in `run_dir`, with the run's model, transform and router."""
+    manifest = RunDir(run_dir).read_manifest()
+    method = make_method(cfg)
+    _, test_tf = transforms(cfg, manifest)
+    setup = ScoringSetup(manifest=manifest, method=method,
+                         new_model=functools.partial(build_model, cfg, method, manifest, run_dir),
+                         test_transform=test_tf, router_projection_dim=cfg.router.projection_dim,
+                         seed=cfg.seed, eval_batch_size=cfg.trainer.eval_batch_size)
+    return Scorer(setup, run_dir, device=device)
+
+
+def stream_evaluator(cfg: RunConfig, manifest: Manifest, prediction: str,
+                     runner) -> StreamEvaluator:
+    """The run's StreamEvaluator, with its Class-IL decision settings (eval.*, router.*)."""
+    return StreamEvaluator(
+        prediction, runner, manifest.n_tasks, [t.n_test for t in manifest.tasks],
+        None if manifest.domain_incremental else [len(t.classes) for t in manifest.tasks],
+        class_il=cfg.eval.class_il, top_k=cfg.eval.top_k, combine=cfg.eval.combine,
+        shrinkage=cfg.router.shrinkage)

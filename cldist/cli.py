@@ -251,13 +251,13 @@ def cmd_eval(run_dir: str, class_il: str | None = None, top_k: int | None = None
     """Re-score a finished run; prints metrics.json's accuracy keys as JSON. Sub-network methods
     get both Class-IL rules from the blocks, and the final routed figure (with the router's
     task-id accuracy and forwards per image) from a true routed execution (score_routed)."""
+    from .assemble import make_method, stream_evaluator
     from .config.compose import config_from_dict
     from .config.schema import validate
     from .eval.metrics import summarize
-    from .eval.stream_evaluator import stream_evaluator, task_il_metrics
+    from .eval.stream_evaluator import task_il_metrics
     from .rundir import RunDir
     from .runners.inline import InlineRunner
-    from .assemble import make_method
     run = RunDir(run_dir)
     path, data = run.config_path, run.read_config()
     cfg = config_from_dict(data, origin=str(path))

@@ -17,16 +17,16 @@ from pathlib import Path
 from .config.compose import to_yaml
 from .config.schema import RunConfig
 from .data.manifest import Manifest
-from .assemble import make_method
+from .assemble import TaskJob, make_method, stream_evaluator
 from .errors import Interrupted, UserError
 from .rundir import RunDir
 from .eval.metrics import accuracy_after, summarize
-from .eval.stream_evaluator import stream_evaluator, task_il_metrics
+from .eval.stream_evaluator import task_il_metrics
 from .report.progress import Progress
 from .report.summary import format_summary_table
 from .report.tensorboard import TensorBoardLogger
 from .runners import make_runner
-from .train.task import TaskJob
+
 
 def default_run_dir(cfg: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

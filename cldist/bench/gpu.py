@@ -261,7 +261,8 @@ def part_scoring(work: Path, s: dict, device: torch.device, context: dict) -> di
     part left no finished task 0 (Ray on the GPU failed), on the same stream learnt by the
     inline runner, so scoring is measured whatever happened to Ray."""
     from ..config.compose import compose
-    from ..eval.scoring import Scorer, row_from_blocks
+    from ..assemble import make_scorer
+    from ..eval.scoring import row_from_blocks
     from ..stream import run_stream
     from .step import synchronize
 
@@ -280,7 +281,7 @@ def part_scoring(work: Path, s: dict, device: torch.device, context: dict) -> di
                                                   "stream part left no finished task 0)")
     cfg = compose(stream["overrides"])
     top_k, combine, shrinkage = cfg.eval.top_k, cfg.eval.combine, cfg.router.shrinkage
-    scorer = Scorer(cfg, run_dir, device=str(device))
+    scorer = make_scorer(cfg, run_dir, device=str(device))
     scorer.load_tasks(tasks)
     scorer.task_statistics(tasks)
     for j in tasks:

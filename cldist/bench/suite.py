@@ -45,7 +45,8 @@ def bench_scheduling(work: Path) -> dict:
 @register
 def bench_eval(work: Path) -> dict:
     from ..config.compose import compose
-    from ..eval.scoring import Scorer, row_from_blocks
+    from ..assemble import make_scorer
+    from ..eval.scoring import row_from_blocks
     data = synthetic_stream_data(work, 50)
     run_dir = work / "eval-run"
     if not (run_dir / "metrics.json").exists():  # trained inline: the run is the input here
@@ -58,7 +59,7 @@ def bench_eval(work: Path) -> dict:
     try:
         for n in (10, 20, 50):
             pairs = [(i, j) for i in range(n) for j in range(n)]
-            naive = Scorer(cfg, run_dir)
+            naive = make_scorer(cfg, run_dir)
             naive.load_tasks(range(n))
             for j in range(n):
                 naive.test_set(j)  # decoding is not what is compared: both cache it
@@ -85,7 +86,8 @@ def bench_eval(work: Path) -> dict:
 @register
 def bench_routing(work: Path) -> dict:
     from ..config.compose import compose
-    from ..eval.scoring import (Scorer, fit_router, routed_row_from_blocks, row_from_blocks)
+    from ..assemble import make_scorer
+    from ..eval.scoring import fit_router, routed_row_from_blocks, row_from_blocks
     torch.set_num_threads(1)
     data = synthetic_stream_data(work, 100)
     run_dir = work / "routing-run"
@@ -94,7 +96,7 @@ def bench_routing(work: Path) -> dict:
     cfg = compose(["scenario=digits_5t", f"scenario.manifest={data}", "backbone=test_vit",
                    f"run_dir={run_dir}", "report=false"])
     top_k, combine, shrinkage = 2, "posterior_head", cfg.router.shrinkage
-    scorer = Scorer(cfg, run_dir)
+    scorer = make_scorer(cfg, run_dir)
     scorer.load_tasks(range(100))
     scorer.task_statistics(range(100))  # the router's state, held like the sub-networks
     for j in range(100):

@@ -204,7 +204,7 @@ class CoordinatorProxy:
 class EvaluatorActor:
     def __init__(self, config: dict, run_dir: str, threads: int = 1, on_gpu: bool = False):
         from ..config.schema import RunConfig
-        from ..eval.scoring import Scorer
+        from ..assemble import make_scorer
         torch.set_num_threads(threads)
         self.cfg, self.run_dir = RunConfig.from_dict(config), run_dir
         # Ray shows the actor only the GPU it reserved; a cluster that declares GPUs torch
@@ -213,7 +213,7 @@ class EvaluatorActor:
         if on_gpu and device == "cpu":
             print("[cldist] evaluator: reserved a GPU share but torch sees no CUDA device; "
                   "scoring on the CPU", flush=True)
-        self.scorer = Scorer(self.cfg, run_dir, device=device)
+        self.scorer = make_scorer(self.cfg, run_dir, device=device)
 
     def score_blocks(self, pairs: Sequence[tuple[int, int]]):
         return self.scorer.score_blocks(pairs)

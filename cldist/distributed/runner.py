@@ -45,11 +45,11 @@ import ray
 import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..assemble import TaskJob
 from ..config.schema import RunConfig, gpu_shares
 from ..eval.scoring import Block, SingleScores, saved_task_statistics
 from ..rundir import RunDir
 from ..runners import OnTaskDone, OnTaskStarted, done_before, ready_order
-from ..train.task import TaskJob
 from .actors import CoordinatorActor, CoordinatorProxy, EvaluatorActor
 from .cluster import connect
 from .train_job import run_train_job
@@ -115,10 +115,11 @@ class _Worker:
     def learn_and_report(self, task_id: int, **extra) -> None:
         """Learn one task and report it (every rank: a barrier); rank 0's task files are the
         report's checkpoint, its meta (with `extra`) the report's metrics."""
+        from ..assemble import task_setup
         from ..train.task import train_task
         job = TaskJob(self.run_dir, self.config, task_id)
         with tempfile.TemporaryDirectory(prefix="cldist-task-") as tmp:
-            meta = train_task(job, rank=self.rank, world_size=self.world_size,
+            meta = train_task(task_setup(job), rank=self.rank, world_size=self.world_size,
                               make_engine=self.make_engine, allocate_ranks=self.allocate_ranks,
                               on_epoch=self.on_epoch, device=self.device, staging_root=tmp)
             meta["node_id"], meta["node_ids"] = self.node_id, self.node_ids

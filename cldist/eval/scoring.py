@@ -36,20 +36,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ..assemble import build_model, make_method, transforms
-from ..config.schema import RunConfig
 from ..coordinator.discriminant import LinearDiscriminant
 from ..coordinator.statistics import (STATS_STEM, ClassStatistics, merge_all, router_features,
                                       router_projection, statistics_from_tensors,
                                       statistics_pass)
 from ..data import TaskReader
+from ..data.manifest import Manifest
 from ..errors import UserError
+from ..methods.base import ContinualMethod
 from ..models.continual import ContinualClassifier
 from ..rundir import RunDir
 from .routing import (class_log_posterior, class_task_index, routed_decision,
@@ -166,27 +166,42 @@ def routed_row_from_blocks(t: int, blocks: dict[tuple[int, int], Block],
                           1.0 + routed.shape[1])
 
 
+@dataclass
+class ScoringSetup:
+    """A run's scoring as the objects `Scorer` needs (cldist.assemble.make_scorer builds it
+    from the run's config): `new_model()` returns the method's model with the run's reference
+    weights and no task loaded; `test_transform` is the run's evaluation transform; the router
+    projection is drawn from (`router_projection_dim`, `seed`) as the task jobs drew it."""
+
+    manifest: Manifest
+    method: ContinualMethod
+    new_model: Callable[[], ContinualClassifier]
+    test_transform: Callable
+    router_projection_dim: int
+    seed: int
+    eval_batch_size: int
+
+
 class Scorer:
     """Holds one model with every finished task's state and scores test sets with it."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, device: str = "cpu"):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+    def __init__(self, setup: ScoringSetup, run_dir: str | Path, device: str = "cpu"):
+        self.setup, self.run_dir = setup, Path(run_dir)
         self.run = RunDir(self.run_dir)
         self.device = torch.device(device)
-        self.manifest = self.run.read_manifest()
-        self.method = make_method(cfg)
+        self.manifest, self.method = setup.manifest, setup.method
+        self.eval_batch_size = setup.eval_batch_size
         self._new_model()
         self._test_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._feature_cache: dict[int, np.ndarray] = {}
         self._stats_cache: dict[int, ClassStatistics] = {}
-        _, self.test_tf = transforms(cfg, self.manifest)
+        self.test_tf = setup.test_transform
         # the run's fixed router projection (RanPAC), the one its task jobs used
-        self.projection = router_projection(cfg.router.projection_dim, self.model.feature_dim,
-                                            cfg.seed)
+        self.projection = router_projection(setup.router_projection_dim,
+                                            self.model.feature_dim, setup.seed)
 
     def _new_model(self) -> None:
-        self.model: ContinualClassifier = build_model(self.cfg, self.method, self.manifest,
-                                                      self.run_dir)
+        self.model: ContinualClassifier = self.setup.new_model()
         self.model.to(self.device).eval()
         self.loaded: set[int] = set()
 
@@ -204,7 +219,7 @@ class Scorer:
 
     @torch.no_grad()
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
-        bs = self.cfg.trainer.eval_batch_size
+        bs = self.eval_batch_size
         out = [self.model(images[i:i + bs].to(self.device)).float().cpu()
                for i in range(0, images.shape[0], bs)]
         return torch.cat(out) if out else torch.empty(0)
@@ -246,7 +261,7 @@ class Scorer:
     def _reference(self, images: torch.Tensor) -> torch.Tensor:
         """Router features of `images`: the reference network (no task's adapter or head)."""
         self.model.activate([], [])
-        bs = self.cfg.trainer.eval_batch_size
+        bs = self.eval_batch_size
         out = [router_features(self.model.features(images[i:i + bs].to(self.device)).cpu(),
                                self.projection) for i in range(0, images.shape[0], bs)]
         dim = self.projection.shape[1] if self.projection is not None else self.model.feature_dim
@@ -280,7 +295,7 @@ class Scorer:
                 stats = statistics_pass(
                     self.model.features,
                     TaskReader(self.manifest, t, "train", self.test_tf).batches(
-                        self.cfg.trainer.eval_batch_size),
+                        self.eval_batch_size),
                     classes, dim, self.device, self.projection)
             self._stats_cache[t] = stats
         return {t: self._stats_cache[t] for t in tasks}

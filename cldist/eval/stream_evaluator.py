@@ -1,5 +1,6 @@
 """The stream evaluator: finished tasks -> accuracy-matrix rows, as soon as each row can be
-computed (the run's driver, cldist.stream, and `cldist eval` both use it).
+computed (the run's driver, cldist.stream, and `cldist eval` both use it;
+`cldist.assemble.stream_evaluator` builds it with the run's settings).
 
 It asks a runner (cldist.runners) for the scores - blocks of sub-network x test set, or one
 model's scores - and turns them into the Class-IL rows (ensemble and routed), the Task-IL rows
@@ -8,14 +9,9 @@ and metrics.json's keys of both (cldist.eval.scoring does the maths).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from .metrics import accuracy_after, summarize
 from .scoring import fit_router, routed_row_from_blocks, row_from_blocks, task_il_from_blocks
-
-if TYPE_CHECKING:
-    from ..config.schema import RunConfig
-    from ..data.manifest import Manifest
 
 
 class StreamEvaluator:
@@ -143,16 +139,6 @@ class StreamEvaluator:
                 "forwards_per_image": {"routed": 1 + min(self.top_k, n), "ensemble": n},
                 "routing": {"top_k": self.top_k, "combine": self.combine,
                             "shrinkage": self.shrinkage}}
-
-
-def stream_evaluator(cfg: RunConfig, manifest: Manifest, prediction: str,
-                     runner) -> StreamEvaluator:
-    """The run's StreamEvaluator, with its Class-IL decision settings (eval.*, router.*)."""
-    return StreamEvaluator(
-        prediction, runner, manifest.n_tasks, [t.n_test for t in manifest.tasks],
-        None if manifest.domain_incremental else [len(t.classes) for t in manifest.tasks],
-        class_il=cfg.eval.class_il, top_k=cfg.eval.top_k, combine=cfg.eval.combine,
-        shrinkage=cfg.router.shrinkage)
 
 
 def task_il_metrics(task_il_rows: list[list[float]], n_test: list[int]) -> dict:

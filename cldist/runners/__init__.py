@@ -12,8 +12,8 @@ import importlib
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
+from ..assemble import TaskJob
 from ..eval.scoring import Block, SingleScores
-from ..train.task import TaskJob
 
 # called with the (task, meta) pairs that finished together (one packed job), in task order;
 # a meta with `staging_dir` is committed from there, one without was committed by the runner

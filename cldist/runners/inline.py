@@ -1,8 +1,8 @@
 """The inline runner: the whole stream in this process, no Ray, no DeepSpeed.
 
-It calls the same pure functions as the Ray runner (`train_task`, `Scorer`), in task order,
-with plain torch AdamW, on this machine's GPU with `trainer.use_gpu=true`. For debugging,
-unit tests and single-GPU runs.
+It calls the same pure functions as the Ray runner (`train_task` on `task_setup(job)`, a Scorer
+from `make_scorer`), in task order, with plain torch AdamW, on this machine's GPU with
+`trainer.use_gpu=true`. For debugging, unit tests and single-GPU runs.
 """
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..assemble import TaskJob, make_scorer, task_setup
 from ..config.schema import RunConfig
 from ..coordinator.run_coordinator import RunCoordinator
 from ..eval.scoring import Block, Scorer, SingleScores
-from ..train.task import TaskJob, train_task
+from ..train.task import train_task
 from . import OnTaskDone, OnTaskStarted, done_before, ready_order
 
 
@@ -47,7 +48,7 @@ class InlineRunner:
             t = ready[0]
             if started:
                 started(t)
-            meta = train_task(jobs[t], on_epoch=self.on_epoch, device=self.device,
+            meta = train_task(task_setup(jobs[t]), on_epoch=self.on_epoch, device=self.device,
                               allocate_ranks=self.coordinator.allocate_ranks)
             on_done([(t, meta)])
             done.add(t)
@@ -56,7 +57,7 @@ class InlineRunner:
     @property
     def scorer(self) -> Scorer:
         if self._scorer is None:
-            self._scorer = Scorer(self.cfg, self.run_dir, device=self.device)
+            self._scorer = make_scorer(self.cfg, self.run_dir, device=self.device)
         return self._scorer
 
     def score_blocks(self, pairs: Sequence[tuple[int, int]]) -> list[Block]:

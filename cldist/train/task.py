@@ -1,13 +1,14 @@
 """Train one task of a stream: the pure function both runners call.
 
-`train_task(job, ...)` builds the backbone and the method's model (cldist.assemble), loads what the task depends
-on (reference weights, earlier tasks' state), runs the method's phases through
-`cldist.train.loop.fit`, and - on rank 0 - writes the task's tensors and meta into a staging
-directory. Committing that directory into the run directory is the coordinator's job.
+`train_task(setup, ...)` builds the method's model (`setup.new_model`), loads what the task
+depends on (earlier tasks' state), runs the method's phases through `cldist.train.loop.fit`,
+and - on rank 0 - writes the task's tensors and meta into a staging directory. Committing that
+directory into the run directory is the coordinator's job.
 
-Everything it receives is plain data (a config dict, paths, ints) plus three callables the
-runner supplies: `make_engine` (torch AdamW or DeepSpeed), `allocate_ranks` (local SVDs, or the
-coordinator actor fanning them out) and `on_epoch` (progress).
+Everything it receives is objects and plain values - a `TaskSetup` (cldist.assemble builds it
+from a run's config; nothing here reads one) - plus the callables the runner supplies:
+`make_engine` (torch AdamW or DeepSpeed), `allocate_ranks` (local SVDs, or the coordinator
+actor fanning them out) and `on_epoch` (progress).
 """
 from __future__ import annotations
 
@@ -17,34 +18,57 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
-from ..assemble import build_model, make_method, transforms
-from ..config.schema import MethodOptions, RunConfig
 from ..coordinator.run_coordinator import allocate_ranks_locally
 from ..coordinator.statistics import STATS_STEM, router_projection, statistics_tensors
 from ..data import TaskReader
 from ..data.manifest import Manifest
 from ..methods.base import ContinualMethod, FitRequest, TaskContext
+from ..models.continual import ContinualClassifier
 from ..rundir import RunDir
 from . import loop
 from .engine import TorchStepEngine
 from .statistics import collect_task_statistics
 
 
+@dataclass(frozen=True)
+class RunDefaults:
+    """The run's shared optimiser keys: what a FitRequest gets for every field its method
+    leaves to the run (None). `options` is the method's options by key - a request's `lr_key`
+    names the one its learning rate comes from - and `method` names the method in errors."""
+
+    method: str
+    optimizer: str
+    weight_decay: float
+    epochs: int
+    options: Mapping[str, Any]
+
+
 @dataclass
-class TaskJob:
-    """What a task job needs, all of it plain and picklable."""
+class TaskSetup:
+    """Task `task_id` of the run in `run_dir`, as the objects `train_task` needs.
+
+    `new_model()` returns the method's model on the run's backbone with the run's reference
+    weights and no task loaded (it is called once, inside the timed set-up);
+    `train_transform` augments the training images, `test_transform` is the evaluation one
+    the class statistics use (the router scores test images with it)."""
 
     run_dir: str
-    config: dict  # RunConfig.to_dict()
     task_id: int
-
-    @property
-    def cfg(self) -> RunConfig:
-        return RunConfig.from_dict(self.config)
+    manifest: Manifest
+    method: ContinualMethod
+    new_model: Callable[[], ContinualClassifier]
+    train_transform: Callable
+    test_transform: Callable
+    seed: int
+    batch_size: int
+    eval_batch_size: int
+    loader_workers: int
+    defaults: RunDefaults
+    router_projection_dim: int
 
 
 def task_seeds(seed: int, task_id: int) -> dict[str, int]:
@@ -70,23 +94,22 @@ def kernels(device: torch.device) -> str:
     return f"torch {torch.__version__}, {where}"
 
 
-def with_run_defaults(request: FitRequest, options: MethodOptions,
-                      epochs: int | None = None) -> FitRequest:
+def with_run_defaults(request: FitRequest, defaults: RunDefaults) -> FitRequest:
     """`request` with the run's shared optimiser keys wherever the method left them to the run
-    (None): method.optimizer, method.weight_decay, the learning rate from the options key the
-    request names (`lr_key`), and `epochs` (the run's main epochs; default method.epochs)."""
+    (None): the optimizer, the weight decay, the learning rate from the options key the
+    request names (`lr_key`), and the run's main epochs."""
     changes = {}
     if request.optimizer is None:
-        changes["optimizer"] = options.optimizer
+        changes["optimizer"] = defaults.optimizer
     if request.weight_decay is None:
-        changes["weight_decay"] = float(options.weight_decay)
+        changes["weight_decay"] = float(defaults.weight_decay)
     if request.lr is None:
-        if not hasattr(options, request.lr_key):
+        if request.lr_key not in defaults.options:
             raise ValueError(f"phase {request.phase!r} names lr_key {request.lr_key!r}, which "
-                             f"method {options.name} has no key for")
-        changes["lr"] = float(getattr(options, request.lr_key))
+                             f"method {defaults.method} has no key for")
+        changes["lr"] = float(defaults.options[request.lr_key])
     if request.epochs is None:
-        changes["epochs"] = int(options.epochs if epochs is None else epochs)
+        changes["epochs"] = int(defaults.epochs)
     return dataclasses.replace(request, **changes) if changes else request
 
 
@@ -94,29 +117,26 @@ def torch_engine(module, params, lr, weight_decay, total_steps, optimizer="adamw
     return TorchStepEngine(module, params, lr, weight_decay, total_steps, optimizer)
 
 
-def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
+def train_task(setup: TaskSetup, rank: int = 0, world_size: int = 1,
                make_engine: Callable = torch_engine,
                allocate_ranks: Callable = allocate_ranks_locally,
                on_epoch: Callable | None = None,
                device: torch.device | str = "cpu",
                staging_root: str | Path | None = None,
                reduce_mean: Callable | None = None) -> dict:
-    """Learn task `job.task_id`; returns its meta (and `staging_dir` on rank 0)."""
+    """Learn task `setup.task_id`; returns its meta (and `staging_dir` on rank 0)."""
     start = time.perf_counter()
     started_at = time.time()  # wall clock: when tasks of concurrent runs overlapped
-    cfg = job.cfg
     device = torch.device(device)
-    run = RunDir(job.run_dir)
-    manifest = run.read_manifest()
-    method = make_method(cfg)
-    model = build_model(cfg, method, manifest, job.run_dir)
-    for dep in method.state_dependencies(job.task_id):
+    run = RunDir(setup.run_dir)
+    manifest, method, t = setup.manifest, setup.method, setup.task_id
+    model = setup.new_model()
+    for dep in method.state_dependencies(t):
         run.load_task_into(method, model, dep)
     model.to(device)
     setup_seconds = time.perf_counter() - start  # building the model, loading dependencies
-    train_tf, _ = transforms(cfg, manifest)
-    t = job.task_id
-    bs = cfg.trainer.batch_size
+    train_tf = setup.train_transform
+    bs = setup.batch_size
     # every rank must take the same number of steps (collectives); the sample split gives
     # ranks at most one sample more or less, so the shortest share sets the step count
     def steps_for(share: int) -> int:
@@ -125,16 +145,16 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
     steps = steps_for(manifest.tasks[t].n_train // world_size)
     seen_share = sum(manifest.tasks[s_].n_train for s_ in range(t + 1)) // world_size
     seen_steps = steps_for(seen_share)
-    data_seed = task_seeds(cfg.seed, t)["data_order"]
+    data_seed = task_seeds(setup.seed, t)["data_order"]
     reader = TaskReader(manifest, t, "train", train_tf, shuffle=True, seed=data_seed,
                         rank=rank, world_size=world_size)
 
     def batches(epoch: int):
-        if cfg.trainer.loader_workers:
+        if setup.loader_workers:
             # worker processes decode the next batches while this one steps; each keeps its
             # own slice of the rank's seeded stream (reader.dataset), so every sample is seen once
             it = iter(torch.utils.data.DataLoader(
-                reader.dataset(epoch), batch_size=bs, num_workers=cfg.trainer.loader_workers,
+                reader.dataset(epoch), batch_size=bs, num_workers=setup.loader_workers,
                 pin_memory=device.type == "cuda"))
         else:
             it = reader.batches(bs, epoch)
@@ -167,7 +187,7 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
         source, n_steps = (seen_batches, seen_steps) if request.data == "seen" else (batches, steps)
         # the key is named only when the rate came from it (not a method's own float)
         key = f"method.{request.lr_key}" if request.lr is None else None
-        request = with_run_defaults(request, cfg.method, cfg.main_epochs)
+        request = with_run_defaults(request, setup.defaults)
         return loop.fit(model_, request, source, n_steps, make_engine, device, report, task_id=t,
                         lr_key=key)
 
@@ -185,7 +205,7 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                       classes_per_task=[len(x.classes) for x in manifest.tasks],
                       class_offsets=manifest.class_offsets(), fit=fit,
                       allocate_ranks=timed_allocate_ranks, train_batches=batches,
-                      generator=task_generator(cfg.seed, t), device=device,
+                      generator=task_generator(setup.seed, t), device=device,
                       seen_train_batches=seen_batches,
                       reduce_mean=reduce_mean or distributed_mean(world_size, device),
                       steps_per_epoch=steps)
@@ -193,8 +213,7 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
     stats_tensors = None
     if method.class_statistics:
         begin = time.perf_counter()
-        stats = task_statistics(cfg, manifest, method, model, t, device, rank, world_size,
-                                ctx.reduce_mean)
+        stats = task_statistics(setup, model, device, rank, world_size, ctx.reduce_mean)
         stats_tensors = statistics_tensors(stats)
         meta["statistics_seconds"] = time.perf_counter() - begin
         meta["statistics_dims"] = {group: s.dim for group, s in stats.items()}
@@ -203,7 +222,7 @@ def train_task(job: TaskJob, rank: int = 0, world_size: int = 1,
                  "params_added": method.params_added(model, t),
                  "train_seconds": time.perf_counter() - start, "world_size": world_size,
                  "setup_seconds": setup_seconds, "rank_allocation_seconds": allocation_seconds[0],
-                 "seed": cfg.seed, "data_seed": data_seed, "seeds": task_seeds(cfg.seed, t),
+                 "seed": setup.seed, "data_seed": data_seed, "seeds": task_seeds(setup.seed, t),
                  "kernels": kernels(device), "started_at": started_at,
                  "finished_at": time.time()})
     if rank == 0:
@@ -240,23 +259,22 @@ def distributed_mean(world_size: int, device: torch.device) -> Callable:
     return mean
 
 
-def task_statistics(cfg: RunConfig, manifest: Manifest, method: ContinualMethod, model,
-                    task_id: int, device: torch.device, rank: int, world_size: int,
+def task_statistics(setup: TaskSetup, model, device: torch.device, rank: int, world_size: int,
                     reduce_mean: Callable) -> dict:
     """The finished task's class statistics (cldist.train.statistics) over its whole training
     split: every rank passes its share once, in stream order, with the test-time transform
     (the router scores test images), no shuffling, no augmentation. It runs after learning,
     and the projection comes from its own seeded generator: nothing training draws changes
-    (a packed job's next task reseeds in build_model anyway)."""
-    _, test_tf = transforms(cfg, manifest)
+    (a packed job's next task reseeds in new_model anyway)."""
+    manifest, task_id = setup.manifest, setup.task_id
     classes = [manifest.stream_label(c) for c in manifest.tasks[task_id].classes]
-    projection = router_projection(cfg.router.projection_dim, model.feature_dim, cfg.seed)
+    projection = router_projection(setup.router_projection_dim, model.feature_dim, setup.seed)
 
     def batches():
-        return TaskReader(manifest, task_id, "train", test_tf, shuffle=False, rank=rank,
-                          world_size=world_size).batches(cfg.trainer.eval_batch_size)
+        return TaskReader(manifest, task_id, "train", setup.test_transform, shuffle=False,
+                          rank=rank, world_size=world_size).batches(setup.eval_batch_size)
 
-    return collect_task_statistics(model, method, task_id, classes, batches, device,
+    return collect_task_statistics(model, setup.method, task_id, classes, batches, device,
                                    projection=projection, reduce_mean=reduce_mean,
                                    world_size=world_size)
 

@@ -13,6 +13,7 @@ from cldist.config.compose import compose
 from cldist.config.schema import RunConfig
 from cldist.eval.metrics import accuracy_after
 from cldist.eval.routing import class_log_posterior, class_task_index
+from cldist.assemble import make_scorer
 from cldist.eval.scoring import Scorer, fit_router, routed_row_from_blocks, row_from_blocks
 from cldist.stream import run_stream
 
@@ -43,7 +44,7 @@ def inline_run(tmp_path_factory, data):
 
 def _scorer(run_dir) -> Scorer:
     cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    return Scorer(cfg, run_dir)
+    return make_scorer(cfg, run_dir)
 
 
 def _everything(scorer: Scorer, n: int):
@@ -179,7 +180,7 @@ def test_ray_runner_routes_like_inline(inline_run, data, tmp_path, ray_cluster):
     the same inline-trained run re-scored through them is the same to the bit; a whole run
     through the Ray runner (eval.class_il=ensemble) agrees up to training's float noise."""
     from cldist.distributed.runner import RayRunner
-    from cldist.eval.stream_evaluator import stream_evaluator
+    from cldist.assemble import stream_evaluator
     from cldist.data.manifest import Manifest
     metrics, run_dir = inline_run
     cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))

@@ -60,7 +60,8 @@ def test_pearl_inline_two_tasks(tmp_path, digits_dir):
     from safetensors.torch import load_file
 
     from cldist.config.schema import RunConfig
-    from cldist.eval.scoring import Scorer, task_il_from_blocks
+    from cldist.assemble import make_scorer
+    from cldist.eval.scoring import task_il_from_blocks
     from cldist.coordinator.ranks import THRESHOLD_RULES
     metrics, run_dir = _two_task(tmp_path, digits_dir, "inline", "inline")
     _check_run(metrics, run_dir, 2)
@@ -75,7 +76,7 @@ def test_pearl_inline_two_tasks(tmp_path, digits_dir):
     # alone, Task-IL is the ensemble's Class-IL (one head: the same argmax)
     assert task_il[0] == metrics["accuracy_matrix_ensemble"][0]
     cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    alone, both = Scorer(cfg, run_dir), Scorer(cfg, run_dir)
+    alone, both = make_scorer(cfg, run_dir), make_scorer(cfg, run_dir)
     both.load_tasks([1, 0])
     [block_alone], [block_both] = alone.score_blocks([(0, 0)]), both.score_blocks([(0, 0)])
     assert (block_both.log_probs == block_alone.log_probs).all()

@@ -32,7 +32,7 @@ def inline_run(digits_dir, tmp_path_factory):
     as the stream commits them; `events` is the order of the runner's `started`/`on_done`
     calls."""
     from cldist.runners.inline import InlineRunner
-    from cldist.train.task import TaskJob
+    from cldist.assemble import TaskJob
 
     cfg, run_dir = _new_run(digits_dir, tmp_path_factory.mktemp("inline"))
     runner = InlineRunner(cfg, run_dir)

@@ -14,9 +14,9 @@ FLOORS = [
     ("config", "rundir"),
     ("coordinator",),
     ("methods",),
-    ("assemble",),
     ("train",),
     ("eval",),
+    ("assemble",),
     ("runners", "report"),
     ("distributed", "stream"),
     ("bench", "sweep"),
@@ -79,6 +79,14 @@ def test_no_import_circle_between_packages():
     pairs = {(source, target) for _, source, target in _edges()}
     circles = sorted({tuple(sorted(p)) for p in pairs if (p[1], p[0]) in pairs})
     assert not circles, f"packages importing each other: {circles}"
+
+
+def test_train_and_eval_read_no_config():
+    """train/ and eval/ take objects and plain values; cldist.assemble turns a config into
+    them (issue 20)."""
+    reading = [f"{where}: {source} imports {target}" for where, source, target in _edges()
+               if source in ("train", "eval") and target == "config"]
+    assert not reading, "\n".join(reading)
 
 
 def test_train_and_eval_do_not_import_each_other():

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cldist.errors import UserError
-from cldist.eval.scoring import Scorer, row_from_blocks, task_il_from_blocks
+from cldist.assemble import make_scorer
+from cldist.eval.scoring import row_from_blocks, task_il_from_blocks
 
 PAIRS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 
@@ -20,7 +21,7 @@ PAIRS = [(0, 0), (0, 1), (1, 0), (1, 1)]
 @pytest.fixture(scope="module")
 def scorer(inline_run):
     cfg, run_dir, _ = inline_run
-    return Scorer(cfg, run_dir)
+    return make_scorer(cfg, run_dir)
 
 
 def test_each_test_set_holds_its_tasks_classes(scorer):
@@ -45,7 +46,7 @@ def test_blocks_score_each_subnetwork_within_its_own_classes(scorer):
 
 def test_a_fresh_scorer_reads_the_same_model_back(scorer, inline_run):
     cfg, run_dir, _ = inline_run
-    again = {(b.subnet, b.test): b for b in Scorer(cfg, run_dir).score_blocks(PAIRS)}
+    again = {(b.subnet, b.test): b for b in make_scorer(cfg, run_dir).score_blocks(PAIRS)}
     for block in scorer.score_blocks(PAIRS):
         other = again[(block.subnet, block.test)]
         assert np.array_equal(block.label, other.label)
@@ -76,4 +77,4 @@ def test_a_task_file_that_does_not_fit_is_refused_by_name(inline_run, tmp_path):
     save_file({k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.ndim == 2 else v
                for k, v in tensors.items()}, str(head))
     with pytest.raises(UserError, match="head.safetensors"):
-        Scorer(cfg, copy).score_blocks([(1, 1)])
+        make_scorer(cfg, copy).score_blocks([(1, 1)])

@@ -38,6 +38,7 @@ from cldist.coordinator.statistics import (STATS_STEM, ClassStatistics, router_f
                                            router_projection, statistics_tensors)
 from cldist.coordinator.discriminant import LinearDiscriminant
 from cldist.train.statistics import collect_task_statistics
+from cldist.assemble import run_defaults
 from cldist.train.task import with_run_defaults
 from cldist.coordinator.run_coordinator import allocate_ranks_locally
 
@@ -165,7 +166,7 @@ def make_ctx(t: int, train=TRAIN, log: list | None = None,
 
     def fit(model, request):
         source, n = (seen, (t + 1) * len(y)) if request.data == "seen" else (batches, len(y))
-        request = with_run_defaults(request, options)  # as train_task does
+        request = with_run_defaults(request, run_defaults(options))  # as train_task does
         requested = {id(p) for p in request.params}
         frozen = {k: p.detach().clone() for k, p in model.named_parameters() if id(p) not in requested}
         if before_fit is not None:
@@ -363,9 +364,10 @@ def test_phases_name_their_learning_rate_key():
     from cldist.methods.pearl import PearlOptions
     opts = PearlOptions(lr=1e-3, stage1_lr=1e-3, epochs=5)
     stage1 = with_run_defaults(FitRequest("s1", [], lr_key="stage1_lr", loss_fn=lambda x, y: x,
-                                          epochs=2), opts)
+                                          epochs=2), run_defaults(opts))
     assert (stage1.lr, stage1.epochs, stage1.lr_key) == (1e-3, 2, "stage1_lr")
-    main = with_run_defaults(FitRequest("s2", [], loss_fn=lambda x, y: x), opts, epochs=7)
+    main = with_run_defaults(FitRequest("s2", [], loss_fn=lambda x, y: x),
+                             run_defaults(opts, epochs=7))
     assert (main.lr, main.epochs, main.optimizer) == (1e-3, 7, "adamw")
     phases = {r.phase: r.lr_key for r in stream("pearl")["requests"][1]}
     assert phases == {"stage1": "stage1_lr", "stage2": "lr"}
@@ -537,10 +539,10 @@ def test_run_defaults_fill_only_what_a_method_left_to_the_run():
     from cldist.methods.base import FitRequest
     left = FitRequest("p", [], 1, 1e-3, lambda x, y: x)
     run = MethodOptions(optimizer="sgd", weight_decay=0.05)
-    filled = with_run_defaults(left, run)
+    filled = with_run_defaults(left, run_defaults(run))
     assert (filled.optimizer, filled.weight_decay) == ("sgd", 0.05)
     kept = with_run_defaults(dataclasses.replace(left, optimizer="adamw", weight_decay=0.0),
-                             run)
+                             run_defaults(run))
     assert (kept.optimizer, kept.weight_decay) == ("adamw", 0.0)
 
 

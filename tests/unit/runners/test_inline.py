@@ -7,7 +7,7 @@ import pytest
 
 import cldist.runners.inline as inline
 from cldist.rundir import RunDir
-from cldist.train.task import TaskJob
+from cldist.assemble import TaskJob
 
 
 @pytest.fixture
