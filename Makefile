@@ -1,6 +1,6 @@
 # cldist: `make run` trains the default stream, `make test` runs the whole test suite (what CI
-# runs), `make test-fast` the unit tests not marked slow (the edit-test loop, ~5 min on 2 cores).
-# Both create .venv when missing and install the tested pins from constraints.txt.
+# runs), `make test-fast` the unit tests not marked slow (the edit-test loop, ~1 min on 2 idle
+# cores). Both create .venv when missing and install the tested pins from constraints.txt.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
