@@ -12,9 +12,9 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
+from ..choices import OPTIMIZERS, RUNNERS
 from ..errors import ConfigError
 
-RUNNERS = ("ray", "inline")
 NORMALIZATIONS = ("backbone", "none")
 CLASS_IL_RULES = ("routed", "ensemble")
 ROUTED_COMBINE = ("posterior_head", "lda_head", "top1")
@@ -22,9 +22,6 @@ ROUTED_COMBINE = ("posterior_head", "lda_head", "top1")
 MAX_PROJECTION_DIM = 8192
 
 
-# the optimisers the trainer builds (cldist.train.engine.OPTIMIZERS; tests/unit/methods/test_methods.py
-# holds the two lists equal): SGD has momentum 0.9, SD-LoRA's official code
-OPTIMIZERS = ("adamw", "sgd")
 HEAD_INITS = ("default", "zero")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from ..assemble import TaskJob
+from ..choices import RUNNERS
 from ..eval.scoring import Block, SingleScores
 
 # called with the (task, meta) pairs that finished together (one packed job), in task order;
@@ -80,13 +81,6 @@ def ready_order(pending: Sequence[int], deps: dict[int, list[int]], done: set[in
 def done_before(jobs: dict[int, TaskJob], deps: dict[int, list[int]]) -> set[int]:
     """The tasks of the graph `deps` that need no job: committed before (a resumed run)."""
     return {t for t in deps if t not in jobs}
-
-
-# runner name -> "module:class", imported on first use: `runner=inline` never imports Ray
-RUNNERS: dict[str, str] = {
-    "inline": "cldist.runners.inline:InlineRunner",
-    "ray": "cldist.distributed.runner:RayRunner",
-}
 
 
 def runner_class(name: str) -> type:

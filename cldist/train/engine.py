@@ -13,6 +13,8 @@ from typing import Iterable, Protocol
 import torch
 from torch import nn
 
+from ..choices import OPTIMIZERS
+
 
 class StepEngine(Protocol):
     """One optimiser back-end driving one phase of training (a fixed trainable set)."""
@@ -29,7 +31,6 @@ class StepEngine(Protocol):
         """Release optimiser state; after this `module` holds the trained (gathered) weights."""
 
 
-OPTIMIZERS = ("adamw", "sgd")
 SGD_MOMENTUM = 0.9  # SD-LoRA's official code: SGD, momentum 0.9
 
 

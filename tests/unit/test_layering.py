@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2] / "cldist"
 
 FLOORS = [
-    ("errors", "atomic_io"),
+    ("errors", "atomic_io", "choices"),
     ("data", "models"),
     ("config", "rundir"),
     ("coordinator",),

@@ -373,10 +373,16 @@ def test_phases_name_their_learning_rate_key():
     assert phases == {"stage1": "stage1_lr", "stage2": "lr"}
 
 
-def test_optimizer_names_are_the_trainers():
-    from cldist.config.schema import OPTIMIZERS
-    from cldist.train.engine import OPTIMIZERS as BUILT
-    assert OPTIMIZERS == BUILT
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_every_optimizer_the_config_accepts_is_built(name):
+    """Each name config validation accepts (cldist.choices) is one the trainer builds."""
+    from cldist.choices import OPTIMIZERS
+    from cldist.train.engine import make_optimizer
+    assert name in OPTIMIZERS
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = make_optimizer(name, [p], 0.1, 0.0)
+    assert type(opt) is {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+    assert set(OPTIMIZERS) == {"adamw", "sgd"}, "a new optimiser: add its row above"
 
 
 @pytest.mark.slow  # keeps `make test-fast` under 5 minutes; `make test` runs it
