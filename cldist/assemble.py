@@ -97,16 +97,22 @@ def run_defaults(options: MethodOptions, epochs: int | None = None) -> RunDefaul
                        options=dataclasses.asdict(options))
 
 
+def _run_objects(cfg: RunConfig, run_dir: str | Path):
+    """What a TaskSetup and a ScoringSetup share: the run's manifest, its method, the (train,
+    test) transforms and the factory of its model (reference weights loaded, no task)."""
+    manifest = RunDir(run_dir).read_manifest()
+    method = make_method(cfg)
+    new_model = functools.partial(build_model, cfg, method, manifest, run_dir)
+    return manifest, method, transforms(cfg, manifest), new_model
+
+
 def task_setup(job: TaskJob) -> TaskSetup:
     """Task `job.task_id` of the run as objects; the model is built when train_task asks."""
     cfg = job.cfg
-    manifest = RunDir(job.run_dir).read_manifest()
-    method = make_method(cfg)
-    train_tf, test_tf = transforms(cfg, manifest)
+    manifest, method, (train_tf, test_tf), new_model = _run_objects(cfg, job.run_dir)
     return TaskSetup(run_dir=job.run_dir, task_id=job.task_id, manifest=manifest, method=method,
-                     new_model=functools.partial(build_model, cfg, method, manifest, job.run_dir),
-                     train_transform=train_tf, test_transform=test_tf, seed=cfg.seed,
-                     batch_size=cfg.trainer.batch_size,
+                     new_model=new_model, train_transform=train_tf, test_transform=test_tf,
+                     seed=cfg.seed, batch_size=cfg.trainer.batch_size,
                      eval_batch_size=cfg.trainer.eval_batch_size,
                      loader_workers=cfg.trainer.loader_workers,
                      defaults=run_defaults(cfg.method, cfg.main_epochs),
@@ -115,11 +121,8 @@ def task_setup(job: TaskJob) -> TaskSetup:
 
 def make_scorer(cfg: RunConfig, run_dir: str | Path, device: str = "cpu") -> Scorer:
     """A Scorer over the run in `run_dir`, with the run's model, transform and router."""
-    manifest = RunDir(run_dir).read_manifest()
-    method = make_method(cfg)
-    _, test_tf = transforms(cfg, manifest)
-    setup = ScoringSetup(manifest=manifest, method=method,
-                         new_model=functools.partial(build_model, cfg, method, manifest, run_dir),
+    manifest, method, (_, test_tf), new_model = _run_objects(cfg, run_dir)
+    setup = ScoringSetup(manifest=manifest, method=method, new_model=new_model,
                          test_transform=test_tf, router_projection_dim=cfg.router.projection_dim,
                          seed=cfg.seed, eval_batch_size=cfg.trainer.eval_batch_size)
     return Scorer(setup, run_dir, device=device)
